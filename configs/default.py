@@ -1,0 +1,93 @@
+r"""EVL-ECG runs: teacher training, student distillation and evaluation.
+
+  python -m evl_ecg_jax.main --config=configs/default.py:mode=train_teacher \
+      --workdir=workdir/teacher
+  python -m evl_ecg_jax.main --config=configs/default.py:mode=distill,loss=kd \
+      --config.teacher.init=workdir/teacher --workdir=workdir/student_kd
+
+Variants (`arg`, comma separated): mode=train_teacher|distill|evaluate,
+size=tiny|small, loss=ce|kd, data=synthetic|synthetic500|synthetic_tiny,
+runlocal (a few steps on tiny data, for smoke tests).
+Every field the code reads is set here; override with --config.x.y=value.
+"""
+
+import ml_collections
+
+from evl_ecg_jax import config as config_lib
+
+# Teacher: 1-D ViT over (lead, 0.5 s) patches -> 12 x 20 = 240 tokens at 100 Hz.
+_TEACHER = {
+    "tiny": dict(width=64, depth=4, num_heads=4, mlp_dim=128),
+    "small": dict(width=192, depth=6, num_heads=6, mlp_dim=768),
+}
+# Student: 1-D CNN, total stride 16 -> 63 tokens at 100 Hz, narrower.
+_STUDENT = {
+    "tiny": dict(widths=(16, 32, 48, 48), blocks_per_stage=1),
+    "small": dict(widths=(32, 64, 96, 128), blocks_per_stage=2),
+}
+_DATA = {  # variant -> (TFDS name, sampling rate)
+    "synthetic": ("synthetic_ecg/100hz", 100),
+    "synthetic500": ("synthetic_ecg/500hz", 500),
+    "synthetic_tiny": ("synthetic_ecg/tiny", 100),
+}
+# Steps per mode for the default (CPU-demo) sizes.
+_STEPS = {"train_teacher": 600, "distill": 400, "evaluate": 1}
+
+
+def get_config(arg=None):
+  """Returns the run config for the variants in `arg`."""
+  arg = config_lib.parse_arg(arg, mode="distill", size="tiny", loss="kd",
+                             data="synthetic", runlocal=False)
+  config = ml_collections.ConfigDict()
+  config.mode = arg.mode
+  config.seed = 0
+
+  tfds_name, rate = _DATA["synthetic_tiny" if arg.runlocal else arg.data]
+  config.data = dict(
+      tfds_name=tfds_name,
+      data_dir="",  # "" -> TFDS default ($TFDS_DATA_DIR or ~/tensorflow_datasets).
+      class_names=("NORM", "MI", "STTC", "CD", "HYP"),  # C = 5 superclasses.
+      train_split="train",
+      batch_size=8 if arg.runlocal else 64,  # global, split over all devices.
+      eval_batch_size=16 if arg.runlocal else 256,
+      shuffle_seed=0,
+      prefetch_threads=2,
+  )
+
+  config.teacher = dict(
+      name="vit1d",
+      init="",  # workdir of the train_teacher run; read in distill mode.
+      patch_size=rate // 2,  # samples per token (0.5 s).
+      dropout=0.1,
+      **_TEACHER[arg.size],
+  )
+  config.student = dict(name="cnn1d", dropout=0.1, **_STUDENT[arg.size])
+
+  config.loss = dict(
+      alpha=0.0 if arg.loss == "ce" else 0.5,  # α: weight of distillation.
+      kd_temperature=2.0,  # T of the logit-KD term.
+  )
+  if arg.loss not in ("ce", "kd"):
+    raise config_lib.ConfigError(f"Config variant loss={arg.loss!r}: "
+                                 "expected 'ce' or 'kd'.")
+
+  config.optim = dict(
+      learning_rate=1e-3,  # peak, after linear warmup; cosine decay to 0.
+      warmup_steps=50,
+      weight_decay=1e-4,  # AdamW, on kernels only.
+      b1=0.9,
+      b2=0.999,
+      grad_clip_norm=1.0,
+  )
+  config.total_steps = 4 if arg.runlocal else _STEPS[arg.mode]
+  if arg.runlocal:
+    config.optim.warmup_steps = 1
+  config.log_every_steps = 2 if arg.runlocal else 50
+  config.eval_every_steps = 4 if arg.runlocal else 200
+  config.ckpt_every_steps = 2 if arg.runlocal else 200
+  config.ckpt = dict(max_to_keep=2)
+  config.eval = dict(
+      model="teacher" if arg.mode == "train_teacher" else "student",
+      splits=("validation", "test"),
+  )
+  return config

@@ -1,0 +1,102 @@
+"""Config helpers: strict variant parsing and validation before anything compiles.
+
+Config files live in `configs/` (big_vision style): `get_config(arg)` returns a
+`ml_collections.ConfigDict`; `arg` is a comma-separated list of `key=value` or
+bare `flag` variants, parsed strictly by `parse_arg` against the defaults the
+config file declares.  `check` validates values and names the offending field.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ml_collections
+
+MODES = ("train_teacher", "distill", "evaluate")
+
+
+class ConfigError(ValueError):
+  """A config field holds a value the library cannot run with."""
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses `"size=tiny,runlocal"` against typed defaults (big_vision parse_arg).
+
+  Bare words set a bool default to True. Unknown variant names and values that
+  do not convert to the default's type raise `ConfigError`.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (s.strip() for s in (arg or "").split(","))):
+    key, sep, value = item.partition("=")
+    if key not in defaults:
+      raise ConfigError(f"Unknown config variant {key!r} in {arg!r}; "
+                        f"known variants: {sorted(defaults)}.")
+    default = defaults[key]
+    if not sep:
+      if not isinstance(default, bool):
+        raise ConfigError(f"Config variant {key!r} needs a value ({key}=...).")
+      out[key] = True
+    elif isinstance(default, bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ConfigError(f"Config variant {key}={value!r}: expected a bool.")
+      out[key] = value.lower() in ("true", "1")
+    else:
+      try:
+        out[key] = type(default)(value)
+      except ValueError as e:
+        raise ConfigError(f"Config variant {key}={value!r}: expected "
+                          f"{type(default).__name__}.") from e
+  return out
+
+
+def _require(cond: bool, field: str, value: Any, expected: str) -> None:
+  if not cond:
+    raise ConfigError(f"config.{field}={value!r}: expected {expected}.")
+
+
+def check(config: ml_collections.ConfigDict, *, num_devices: int,
+          model_names=(), has_checkpoint=None) -> None:
+  """Validates `config` before any model is built or step compiled.
+
+  Args:
+    config: the run config (see configs/default.py for every field).
+    num_devices: global number of devices the batch is split over.
+    model_names: registry of model names (`models.MODELS`).
+    has_checkpoint: callable(path) -> bool telling whether a workdir holds a
+      checkpoint; used for `teacher.init` in distill mode.
+
+  Raises:
+    ConfigError naming the field, its value and what was expected.
+  """
+  _require(config.mode in MODES, "mode", config.mode, f"one of {MODES}")
+  for block in ("teacher", "student"):
+    name = config[block].name
+    _require(name in model_names, f"{block}.name", name,
+             f"a registered model {sorted(model_names)}")
+  for field in ("batch_size", "eval_batch_size"):
+    size = config.data[field]
+    _require(size > 0 and size % num_devices == 0, f"data.{field}", size,
+             f"a positive multiple of the {num_devices} devices")
+  _require(0.0 <= config.loss.alpha <= 1.0, "loss.alpha", config.loss.alpha,
+           "α in [0, 1]")
+  _require(config.loss.kd_temperature > 0, "loss.kd_temperature",
+           config.loss.kd_temperature, "a positive temperature")
+  for field in ("total_steps", "log_every_steps", "eval_every_steps",
+                "ckpt_every_steps"):
+    _require(config[field] > 0, field, config[field], "a positive int")
+  if config.mode != "evaluate":
+    _require(config.optim.warmup_steps < config.total_steps,
+             "optim.warmup_steps", config.optim.warmup_steps,
+             f"fewer than total_steps={config.total_steps}")
+  _require(config.eval.model in ("teacher", "student"), "eval.model",
+           config.eval.model, "'teacher' or 'student'")
+  if config.mode == "distill" and config.loss.alpha > 0:
+    init = config.teacher.init
+    _require(bool(init), "teacher.init", init,
+             "the workdir of a finished train_teacher run (α > 0 needs a "
+             "teacher)")
+    _require(has_checkpoint is None or has_checkpoint(init), "teacher.init",
+             init, "a workdir holding a teacher checkpoint (written by "
+             "--config.mode=train_teacher); none found at "
+             f"{os.path.abspath(os.path.expanduser(init))}")

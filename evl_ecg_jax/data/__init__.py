@@ -1,0 +1,1 @@
+"""Data: synthetic ECG generator, TFDS builders and input pipelines."""

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, prediction over a split, and the run report."""

@@ -1,0 +1,55 @@
+r"""Entry point: python -m evl_ecg_jax.main --config=configs/X.py:arg --workdir=DIR.
+
+The mode (train_teacher | distill | evaluate) is `config.mode`; any field can
+be overridden with --config.<field>=<value>.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/default.py:mode=distill.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (outputs).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "jax_distributed", False, "Call jax.distributed.initialize() (multi-host).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def parse_flags(argv):
+  """absl flag parsing that turns config-override errors into one message.
+
+  An override of a key that is not in the config (`--config.typo=1`) raises
+  deep inside ml_collections; report it with the flag and the config file.
+  """
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    bad = [a for a in argv[1:] if a.startswith("--config.")]
+    sys.exit(f"Unknown config field {e} in the overrides {bad}: no such key "
+             "in the config file. Check the spelling against the config "
+             "file (every field is set there).")
+
+
+def main(argv):
+  del argv
+  if _DISTRIBUTED.value:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.distributed.initialize()
+  from evl_ecg_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from evl_ecg_jax.train import loop  # pylint: disable=g-import-not-at-top
+  try:
+    loop.fit(_CONFIG.value, _WORKDIR.value)
+  except config_lib.ConfigError as e:
+    logging.error("%s", e)
+    sys.exit(f"Config error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

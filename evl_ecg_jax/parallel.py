@@ -1,0 +1,42 @@
+"""Runs the per-device steps data-parallel; owns the batch layout.
+
+`pmap_*` wrap a per-device function with `jax.pmap` over the local devices:
+state and params are broadcast (`in_axes=None`, as flax's imagenet example
+does since pmap is built on shard_map), the batch is split on its leading
+axis reshaped to [n_devices, b, ...].
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+AXIS = "data"
+
+
+def pmap_train_step(step_fn, devices=None):
+  """(state, teacher_params, batch[n_dev, b, ...]) -> (state, metrics)."""
+  return jax.pmap(step_fn, axis_name=AXIS, in_axes=(None, None, 0),
+                  out_axes=(None, None), donate_argnums=(0,), devices=devices)
+
+
+def pmap_predict(predict_fn, devices=None):
+  """(params, batch[n_dev, b, ...]) -> outputs [n_dev, b, ...]."""
+  return jax.pmap(predict_fn, axis_name=AXIS, in_axes=(None, 0),
+                  devices=devices)
+
+
+def split_batch(batch, num_devices: int):
+  """Reshapes host-local arrays [B, ...] -> [num_devices, B // num_devices, ...]."""
+  def split(x):
+    if x.shape[0] % num_devices:
+      raise ValueError(f"Batch of {x.shape[0]} does not split over "
+                       f"{num_devices} devices.")
+    return np.reshape(x, (num_devices, -1) + x.shape[1:])
+  return jax.tree.map(split, batch)
+
+
+def merge_outputs(x):
+  """Inverse of `split_batch` for per-device outputs: [n, b, ...] -> [n*b, ...]."""
+  x = np.asarray(x)
+  return x.reshape((-1,) + x.shape[2:])

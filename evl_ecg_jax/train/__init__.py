@@ -1,0 +1,1 @@
+"""Training: state, optimiser, the per-device step and the loop."""

@@ -1,0 +1,134 @@
+"""fit(config, workdir): build -> restore -> train -> log -> checkpoint -> eval."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from evl_ecg_jax import checkpoint
+from evl_ecg_jax import config as config_lib
+from evl_ecg_jax import losses
+from evl_ecg_jax import models
+from evl_ecg_jax import parallel
+from evl_ecg_jax.data import pipeline
+from evl_ecg_jax.eval import evaluate as evaluate_lib
+from evl_ecg_jax.log import MetricWriter
+from evl_ecg_jax.train import optim
+from evl_ecg_jax.train import state as state_lib
+from evl_ecg_jax.train import step as step_lib
+
+
+def _trained_block(config) -> str:
+  if config.mode == "train_teacher":
+    return "teacher"
+  if config.mode == "distill":
+    return "student"
+  return config.eval.model
+
+
+def _init_state(model, tx, config, example_ecg):
+  """Initialises params with jit (placed on device, nothing on host)."""
+  def init(rng):
+    params_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
+    variables = model.init(params_rng, example_ecg)
+    return state_lib.TrainState.create(params={"model": variables["params"]},
+                                       tx=tx, rng=state_rng)
+  return jax.jit(init)(jax.random.PRNGKey(config.seed))
+
+
+def _write_json(workdir, name, payload):
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, name), "w", encoding="utf-8") as f:
+      json.dump(payload, f, indent=2, sort_keys=True)
+
+
+def fit(config, workdir: str) -> dict:
+  """Runs `config.mode` in `workdir`; returns the final eval metrics."""
+  config_lib.check(config, num_devices=jax.device_count(),
+                   model_names=models.MODELS,
+                   has_checkpoint=checkpoint.has_checkpoint)
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  _write_json(workdir, "config.json", config.to_dict())
+  num_classes = len(config.data.class_names)
+  block = _trained_block(config)
+  model = models.get(config[block], num_classes)
+  n_dev = jax.local_device_count()
+  p_predict = parallel.pmap_predict(
+      functools.partial(step_lib.predict_step, model=model))
+
+  if config.mode == "evaluate":
+    params = checkpoint.load_params(workdir)
+  else:
+    params = _train(config, workdir, model, p_predict, n_dev)
+
+  results = evaluate_lib.evaluate(p_predict, params, config.data,
+                                  config.eval.splits, n_dev)
+  results["model"] = config[block].name
+  results["num_params"] = int(sum(x.size for x in jax.tree.leaves(params)))
+  _write_json(workdir, "metrics.json", results)
+  logging.info("Final metrics: %s", results)
+  return results
+
+
+def _train(config, workdir, model, p_predict, n_dev):
+  """Trains `model` and returns its params."""
+  teacher = teacher_params = None
+  if config.mode == "distill" and config.loss.alpha > 0:
+    teacher = models.get(config.teacher, len(config.data.class_names))
+    teacher_params = checkpoint.load_params(config.teacher.init)["model"]
+  # Only distillation has a teacher; a teacher itself trains on the task loss.
+  objective = losses.make_objective(
+      alpha=config.loss.alpha if teacher is not None else 0.0,
+      kd_temperature=config.loss.kd_temperature)
+  tx = optim.make(config.optim, config.total_steps)
+
+  example = pipeline.example(config.data)
+  state = _init_state(model, tx, config, jnp.asarray(example["ecg"][None]))
+  ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.ckpt.max_to_keep)
+  data_iter = pipeline.train_iterator(
+      config.data, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  restored = ckpt.restore_latest(jax.eval_shape(lambda: state))
+  if restored is not None:
+    state, data_state = restored
+    data_iter.set_state(data_state)
+    logging.info("Resumed from step %d.", int(state.step))
+
+  p_train = parallel.pmap_train_step(functools.partial(
+      step_lib.train_step, model=model, teacher=teacher, objective=objective,
+      tx=tx, axis_name=parallel.AXIS))
+  schedule = optim.learning_rate_schedule(config.optim, config.total_steps)
+  writer = MetricWriter(workdir)
+  start = int(state.step)
+  bar = tqdm.trange(start, config.total_steps, initial=start,
+                    total=config.total_steps, desc=f"{config.mode}",
+                    disable=jax.process_index() != 0, dynamic_ncols=True)
+  for step in bar:
+    batch = next(data_iter)
+    state, metrics = p_train(state, teacher_params, parallel.split_batch(
+        {"ecg": batch["ecg"], "labels": batch["labels"]}, n_dev))
+    done = step + 1
+    if done % config.log_every_steps == 0 or done == config.total_steps:
+      metrics = {f"train/{k}": float(v) for k, v in metrics.items()}
+      if not np.isfinite(metrics["train/loss"]):
+        raise FloatingPointError(f"Non-finite loss at step {done}: {metrics}")
+      metrics["train/learning_rate"] = float(schedule(done))
+      writer.write(done, metrics)
+      bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
+    if done % config.eval_every_steps == 0 and done < config.total_steps:
+      val = evaluate_lib.evaluate(p_predict, state.params, config.data,
+                                  config.eval.splits[:1], n_dev)
+      writer.write(done, {f"eval/{k}": v for k, v in val.items()})
+    if done % config.ckpt_every_steps == 0 or done == config.total_steps:
+      ckpt.save(done, state, data_iter.get_state())
+  ckpt.close()
+  writer.close()
+  return state.params

@@ -1,0 +1,56 @@
+"""Per-device train and predict steps: pure, no config reads, no I/O.
+
+Written once with named-axis collectives over `axis_name`; `parallel.py`
+runs them under `jax.pmap` (the batch split over local devices).
+"""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+
+def train_step(state, teacher_params, batch, *, model, teacher, objective,
+               tx, axis_name="data"):
+  """One optimiser step on this device's shard of the batch.
+
+  Args:
+    state: TrainState (replicated).
+    teacher_params: frozen teacher params, or None when `teacher` is None.
+    batch: {"ecg": [b, T, L], "labels": [b, C]} for this device.
+    model: the Linen module being trained (params under params["model"]).
+    teacher: frozen Linen teacher, or None (task loss only).
+    objective: (student_out, teacher_out, labels) -> (loss, terms).
+    tx: optax transformation.
+    axis_name: the data-parallel axis of the wrapper.
+
+  Returns:
+    (new state, metrics averaged over `axis_name`).
+  """
+  rng = jax.random.fold_in(state.rng, state.step)
+  rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+  teacher_out = None
+  if teacher is not None:
+    teacher_out = jax.lax.stop_gradient(
+        teacher.apply({"params": teacher_params}, batch["ecg"]))
+
+  def loss_fn(params):
+    out = model.apply({"params": params["model"]}, batch["ecg"], train=True,
+                      rngs={"dropout": rng})
+    return objective(out, teacher_out, batch["labels"])
+
+  (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  grads = jax.lax.pmean(grads, axis_name)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = jax.lax.pmean({"loss": loss, **terms}, axis_name)
+  metrics["grad_norm"] = optax.global_norm(grads)
+  return state.replace(step=state.step + 1, params=params,
+                       opt_state=opt_state), metrics
+
+
+def predict_step(params, batch, *, model):
+  """Per-class probabilities [b, C] for this device's shard (eval mode)."""
+  logits, _ = model.apply({"params": params["model"]}, batch["ecg"])
+  return jax.nn.sigmoid(logits)

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# End-to-end demo on the embedded synthetic ECGs (CPU, a few minutes):
+# train a ViT teacher, train the CNN student with the task loss only, distil
+# the student from the frozen teacher, evaluate all three, print the table.
+# Usage: launch/demo.sh [WORKDIR] [extra --config.* overrides for every run]
+set -euo pipefail
+WORKDIR=${1:-workdir/demo}
+shift || true
+PY=${PYTHON:-python}
+CFG=configs/default.py
+DATA=(--config.data.data_dir="${WORKDIR}/tfds")
+
+
+"$PY" -m evl_ecg_jax.main --config="${CFG}:mode=train_teacher" \
+  --workdir="${WORKDIR}/teacher" "${DATA[@]}" "$@"
+"$PY" -m evl_ecg_jax.main --config="${CFG}:mode=distill,loss=ce" \
+  --workdir="${WORKDIR}/student_ce" "${DATA[@]}" "$@"
+"$PY" -m evl_ecg_jax.main --config="${CFG}:mode=distill,loss=kd" \
+  --config.teacher.init="${WORKDIR}/teacher" \
+  --workdir="${WORKDIR}/student_kd" "${DATA[@]}" "$@"
+"$PY" -m evl_ecg_jax.eval.report --out="${WORKDIR}/report.md" \
+  "teacher (ViT1D)=${WORKDIR}/teacher" \
+  "student, task loss only=${WORKDIR}/student_ce" \
+  "student, distilled (KD)=${WORKDIR}/student_kd"

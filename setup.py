@@ -1,0 +1,50 @@
+"""evl-ecg-jax: multi-aspect heterogeneous knowledge distillation for ECG models in JAX."""
+
+import setuptools
+
+JAX_VERSION = "0.10.2"  # [tpu] pins the libtpu wheel that matches this jax.
+
+setuptools.setup(
+    name="evl-ecg-jax",
+    version="0.1.0",
+    description=("EVL-ECG distillation of large ECG models into small ones, "
+                 "in JAX/Flax."),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["evl_ecg_jax", "evl_ecg_jax.*"]),
+    install_requires=[
+        f"jax>={JAX_VERSION}",
+        "flax>=0.12.0",
+        "optax>=0.2.4",
+        "ott-jax>=0.6.0",
+        "orbax-checkpoint>=0.12.0",
+        # TFDS without TensorFlow: builders write array_record, read through
+        # tfds.data_source. importlib_resources is an undeclared tfds import.
+        "tensorflow-datasets>=4.9.9",
+        "array-record>=0.8.1",
+        "importlib_resources>=6.0",
+        "grain>=0.2.12",
+        "ml-collections>=1.0.0",
+        "absl-py>=2.1.0",
+        "tensorboardX>=2.6.2",
+        "wfdb>=4.1.2",
+        "numpy>=1.26",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=8.0",
+            "POT>=0.9.4",
+            "scikit-learn>=1.4",
+        ],
+        # jax[tpu] pulls the libtpu wheel built for this exact jax release.
+        "tpu": [f"jax[tpu]=={JAX_VERSION}"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: Apache Software License",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+    license="Apache-2.0",
+)

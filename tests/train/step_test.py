@@ -1,0 +1,86 @@
+"""The per-device step under pmap: 8 devices agree with 1 device."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from evl_ecg_jax import losses
+from evl_ecg_jax import models
+from evl_ecg_jax import parallel
+from evl_ecg_jax.train import optim
+from evl_ecg_jax.train import state as state_lib
+from evl_ecg_jax.train import step as step_lib
+
+OPTIM = ml_collections.ConfigDict(dict(
+    learning_rate=1e-3, warmup_steps=1, weight_decay=1e-4, b1=0.9, b2=0.999,
+    grad_clip_norm=1.0))
+
+
+def _setup(alpha):
+  # dropout=0: with dropout each device draws its own mask, by design.
+  student = models.CNN1D(num_classes=5, widths=(8, 16), dropout=0.0)
+  teacher = models.ViT1D(num_classes=5, patch_size=25, width=16, depth=1,
+                         num_heads=2, mlp_dim=32)
+  rng = np.random.default_rng(0)
+  batch = {"ecg": rng.normal(size=(16, 200, 12)).astype(np.float32),
+           "labels": (rng.random((16, 5)) < 0.3).astype(np.float32)}
+  x = jnp.asarray(batch["ecg"][:1])
+  teacher_params = teacher.init(jax.random.PRNGKey(1), x)["params"]
+  tx = optim.make(OPTIM, total_steps=10)
+  state = state_lib.TrainState.create(
+      params={"model": student.init(jax.random.PRNGKey(0), x)["params"]},
+      tx=tx, rng=jax.random.PRNGKey(2))
+  step = functools.partial(
+      step_lib.train_step, model=student,
+      teacher=teacher if alpha > 0 else None,
+      objective=losses.make_objective(alpha=alpha, kd_temperature=2.0), tx=tx)
+  return state, teacher_params, batch, step
+
+
+def _run(n_dev, alpha, steps=3):
+  state, teacher_params, batch, step = _setup(alpha)
+  p_step = parallel.pmap_train_step(step, devices=jax.devices()[:n_dev])
+  history = []
+  for _ in range(steps):
+    state, metrics = p_step(state, teacher_params,
+                            parallel.split_batch(batch, n_dev))
+    history.append(jax.device_get(metrics))
+  return jax.device_get(state), history
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_eight_devices_match_one(alpha):
+  assert jax.device_count() >= 8
+  state1, hist1 = _run(1, alpha)
+  state8, hist8 = _run(8, alpha)
+  for m1, m8 in zip(hist1, hist8):
+    assert set(m1) == set(m8)
+    for k in m1:
+      np.testing.assert_allclose(m8[k], m1[k], rtol=2e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-6),
+               state8.params, state1.params)
+  assert int(state8.step) == 3
+  assert hist1[-1]["loss"] < hist1[0]["loss"]  # the step does optimise
+
+
+def test_step_metrics_and_teacher_frozen():
+  state, teacher_params, batch, step = _setup(0.5)
+  before = jax.tree.map(np.array, teacher_params)
+  p_step = parallel.pmap_train_step(step, devices=jax.devices()[:2])
+  new_state = state
+  for _ in range(2):  # the warmup schedule's learning rate at step 0 is 0
+    new_state, metrics = p_step(new_state, teacher_params,
+                                parallel.split_batch(batch, 2))
+  assert set(metrics) == {"loss", "ce", "kd", "grad_norm"}
+  assert all(np.isfinite(float(v)) for v in metrics.values())
+  jax.tree.map(np.testing.assert_array_equal, before,
+               jax.device_get(teacher_params))
+  changed = jax.tree.map(lambda a, b: not np.array_equal(a, b),
+                         jax.device_get(new_state.params),
+                         jax.device_get(_setup(0.5)[0].params))
+  assert all(jax.tree.leaves(changed))
