@@ -26,6 +26,18 @@ def pmap_predict(predict_fn, devices=None):
                   devices=devices)
 
 
+def replicate(tree, devices=None):
+  """Places `tree` once, replicated over `devices` (default: local devices).
+
+  Broadcast (`in_axes=None`) arguments that already carry this sharding are
+  not copied again on each call, e.g. the frozen teacher's params.
+  """
+  devices = jax.local_devices() if devices is None else devices
+  mesh = jax.sharding.Mesh(np.asarray(devices), (AXIS,))
+  return jax.device_put(tree, jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec()))
+
+
 def split_batch(batch, num_devices: int):
   """Reshapes host-local arrays [B, ...] -> [num_devices, B // num_devices, ...]."""
   def split(x):

@@ -36,7 +36,7 @@ def _trained_block(config) -> str:
 def _init_state(model, tx, config, example_ecg):
   """Initialises params with jit (placed on device, nothing on host)."""
   def init(rng):
-    params_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
+    params_rng, state_rng = jax.random.split(rng)
     variables = model.init(params_rng, example_ecg)
     return state_lib.TrainState.create(params={"model": variables["params"]},
                                        tx=tx, rng=state_rng)
@@ -46,7 +46,7 @@ def _init_state(model, tx, config, example_ecg):
 def _write_json(workdir, name, payload):
   if jax.process_index() == 0:
     with open(os.path.join(workdir, name), "w", encoding="utf-8") as f:
-      json.dump(payload, f, indent=2, sort_keys=True)
+      json.dump(payload, f, indent=2)
 
 
 def fit(config, workdir: str) -> dict:
@@ -65,7 +65,7 @@ def fit(config, workdir: str) -> dict:
       functools.partial(step_lib.predict_step, model=model))
 
   if config.mode == "evaluate":
-    params = checkpoint.load_params(workdir)
+    params = parallel.replicate(checkpoint.load_params(workdir))
   else:
     params = _train(config, workdir, model, p_predict, n_dev)
 
@@ -83,7 +83,8 @@ def _train(config, workdir, model, p_predict, n_dev):
   teacher = teacher_params = None
   if config.mode == "distill" and config.loss.alpha > 0:
     teacher = models.get(config.teacher, len(config.data.class_names))
-    teacher_params = checkpoint.load_params(config.teacher.init)["model"]
+    teacher_params = parallel.replicate(
+        checkpoint.load_params(config.teacher.init)["model"])
   # Only distillation has a teacher; a teacher itself trains on the task loss.
   objective = losses.make_objective(
       alpha=config.loss.alpha if teacher is not None else 0.0,
@@ -101,6 +102,7 @@ def _train(config, workdir, model, p_predict, n_dev):
     state, data_state = restored
     data_iter.set_state(data_state)
     logging.info("Resumed from step %d.", int(state.step))
+  state = parallel.replicate(state)
 
   p_train = parallel.pmap_train_step(functools.partial(
       step_lib.train_step, model=model, teacher=teacher, objective=objective,
@@ -120,7 +122,7 @@ def _train(config, workdir, model, p_predict, n_dev):
       metrics = {f"train/{k}": float(v) for k, v in metrics.items()}
       if not np.isfinite(metrics["train/loss"]):
         raise FloatingPointError(f"Non-finite loss at step {done}: {metrics}")
-      metrics["train/learning_rate"] = float(schedule(done))
+      metrics["train/learning_rate"] = float(schedule(step))  # of this update
       writer.write(done, metrics)
       bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
     if done % config.eval_every_steps == 0 and done < config.total_steps:

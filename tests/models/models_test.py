@@ -9,8 +9,8 @@ from configs import default
 from evl_ecg_jax import models
 
 
-@pytest.mark.parametrize("block,tokens,width", [("teacher", 240, 64),
-                                                ("student", 63, 48)])
+@pytest.mark.parametrize("block,tokens,width", [("teacher", 250, 64),
+                                                ("student", 63, 32)])
 def test_tiny_presets_token_counts(block, tokens, width):
   model = models.get(default.get_config("size=tiny")[block], num_classes=5)
   (logits, out), _ = jax.eval_shape(
@@ -46,8 +46,28 @@ def test_bf16_compute_keeps_f32_params_and_logits(name):
 def test_patch_size_must_divide_samples():
   model = models.get({**default.get_config("size=tiny").teacher,
                       "patch_size": 30}, 5)
-  with pytest.raises(ValueError, match="not divisible by patch_size=30"):
+  with pytest.raises(ValueError, match="patch_size=30 x lead_groups=1"):
     model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1000, 12)))
+  model = model.clone(patch_size=4, lead_groups=5)
+  with pytest.raises(ValueError, match="lead_groups=5"):
+    model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1000, 12)))
+
+
+@pytest.mark.parametrize("groups,tokens", [(1, 250), (2, 500), (12, 3000)])
+def test_lead_groups_token_count_and_patch_content(groups, tokens):
+  """Token (g, s) must see exactly leads of group g and samples of step s."""
+  model = models.ViT1D(num_classes=5, patch_size=4, width=8, depth=0,
+                       num_heads=1, mlp_dim=8, lead_groups=groups)
+  x = jnp.zeros((1, 1000, 12))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  _, out = model.apply(variables, x)
+  assert out["tokens"].shape == (1, tokens, 8)
+  # Perturb one sample of the last lead: only its token may change (depth 0).
+  x2 = x.at[0, 9, 11].set(1.0)
+  _, out2 = model.apply(variables, x2)
+  changed = np.flatnonzero(np.abs(out2["tokens"] - out["tokens"]).sum(-1)[0])
+  steps = 1000 // 4
+  np.testing.assert_array_equal(changed, [(groups - 1) * steps + 9 // 4])
 
 
 def test_unknown_model_name():
