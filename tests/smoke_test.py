@@ -11,6 +11,7 @@ import pytest
 from configs import default
 from conftest import REPO
 from evl_ecg_jax import checkpoint
+from evl_ecg_jax import config as config_lib
 from evl_ecg_jax.train import loop
 
 
@@ -52,9 +53,15 @@ def test_distill_and_evaluate(teacher_dir, tfds_dir, tmp_path):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     last = [json.loads(line) for line in f][-1]
   assert {"train/ce", "train/kd", "train/loss"} <= set(last)
+  with open(os.path.join(workdir, "config.json")) as f:
+    trained_config = json.load(f)
   evaluated = loop.fit(_config("mode=evaluate", tfds_dir), workdir)
   for key in ("test/macro_auc", "validation/macro_auc"):
     np.testing.assert_allclose(evaluated[key], metrics[key], rtol=1e-6)
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f) == trained_config  # provenance kept
+  with pytest.raises(config_lib.ConfigError, match="mode=evaluate expected"):
+    loop.fit(_config("mode=evaluate", tfds_dir), str(tmp_path / "empty"))
 
 
 def test_resume_gives_the_uninterrupted_result(tfds_dir, tmp_path):

@@ -55,8 +55,14 @@ def fit(config, workdir: str) -> dict:
                    model_names=models.MODELS,
                    has_checkpoint=checkpoint.has_checkpoint)
   workdir = os.path.abspath(os.path.expanduser(workdir))
+  if config.mode == "evaluate" and not checkpoint.has_checkpoint(workdir):
+    raise config_lib.ConfigError(
+        f"--workdir={workdir}: mode=evaluate expected a workdir holding a "
+        "checkpoint (of a train_teacher or distill run); none found.")
   os.makedirs(workdir, exist_ok=True)
-  _write_json(workdir, "config.json", config.to_dict())
+  # An evaluation keeps the training run's config.json as it was.
+  _write_json(workdir, "config.json" if config.mode != "evaluate"
+              else "config_evaluate.json", config.to_dict())
   num_classes = len(config.data.class_names)
   block = _trained_block(config)
   model = models.get(config[block], num_classes)
