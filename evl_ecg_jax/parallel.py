@@ -4,6 +4,9 @@
 state and params are broadcast (`in_axes=None`, as flax's imagenet example
 does since pmap is built on shard_map), the batch is split on its leading
 axis reshaped to [n_devices, b, ...].
+`shard_map_train_step` runs the same function under `jit` + `jax.shard_map`
+on a mesh whose batch axis is also "data"; there the batch stays
+[n_devices * b, ...], sharded on its leading axis.
 """
 
 from __future__ import annotations
@@ -18,6 +21,19 @@ def pmap_train_step(step_fn, devices=None):
   """(state, teacher_params, batch[n_dev, b, ...]) -> (state, metrics)."""
   return jax.pmap(step_fn, axis_name=AXIS, in_axes=(None, None, 0),
                   out_axes=(None, None), donate_argnums=(0,), devices=devices)
+
+
+def shard_map_train_step(step_fn, mesh):
+  """(state, teacher_params, batch[n*b, ...]) -> (state, metrics) on `mesh`.
+
+  Replication of the outputs is checked (`check_vma`): it holds because the
+  step `pmean`s its gradients and metrics over "data".
+  """
+  replicated, batch = jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec(
+      AXIS)
+  return jax.jit(jax.shard_map(
+      step_fn, mesh=mesh, in_specs=(replicated, replicated, batch),
+      out_specs=(replicated, replicated)), donate_argnums=(0,))
 
 
 def pmap_predict(predict_fn, devices=None):

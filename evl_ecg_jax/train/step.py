@@ -1,7 +1,7 @@
 """Per-device train and predict steps: pure, no config reads, no I/O.
 
 Written once with named-axis collectives over `axis_name`; `parallel.py`
-runs them under `jax.pmap` (the batch split over local devices).
+runs them under `jax.pmap` or under `jit` + `jax.shard_map` on a mesh.
 """
 
 from __future__ import annotations
@@ -39,8 +39,13 @@ def train_step(state, teacher_params, batch, *, model, teacher, objective,
                       rngs={"dropout": rng})
     return objective(out, teacher_out, batch["labels"])
 
+  # Differentiate per device, then average once. Without the cast,
+  # shard_map's replication typing (check_vma) would already psum the
+  # gradient of the replicated params, and the pmean below would leave an
+  # n_devices-times too large sum (pmap does not do this; tested).
+  local_params = jax.lax.pcast(state.params, axis_name, to="varying")
   (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
+      local_params)
   grads = jax.lax.pmean(grads, axis_name)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)

@@ -41,31 +41,48 @@ def _setup(alpha):
   return state, teacher_params, batch, step
 
 
-def _run(n_dev, alpha, steps=3):
+def _run(n_dev, alpha, steps=3, wrapper="pmap"):
   state, teacher_params, batch, step = _setup(alpha)
-  p_step = parallel.pmap_train_step(step, devices=jax.devices()[:n_dev])
+  devices = jax.devices()[:n_dev]
+  if wrapper == "pmap":
+    p_step = parallel.pmap_train_step(step, devices=devices)
+    batch = parallel.split_batch(batch, n_dev)
+  else:
+    mesh = jax.sharding.Mesh(np.asarray(devices), (parallel.AXIS,))
+    p_step = parallel.shard_map_train_step(step, mesh)
+    batch = jax.device_put(batch, jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(parallel.AXIS)))
   history = []
   for _ in range(steps):
-    state, metrics = p_step(state, teacher_params,
-                            parallel.split_batch(batch, n_dev))
+    state, metrics = p_step(state, teacher_params, batch)
     history.append(jax.device_get(metrics))
   return jax.device_get(state), history
+
+
+def _assert_same(run_a, run_b):
+  (state_a, hist_a), (state_b, hist_b) = run_a, run_b
+  for m_a, m_b in zip(hist_a, hist_b):
+    assert set(m_a) == set(m_b)
+    for k in m_a:
+      np.testing.assert_allclose(m_b[k], m_a[k], rtol=2e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-6),
+               state_b.params, state_a.params)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5])
 def test_eight_devices_match_one(alpha):
   assert jax.device_count() >= 8
-  state1, hist1 = _run(1, alpha)
-  state8, hist8 = _run(8, alpha)
-  for m1, m8 in zip(hist1, hist8):
-    assert set(m1) == set(m8)
-    for k in m1:
-      np.testing.assert_allclose(m8[k], m1[k], rtol=2e-5, atol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
-                                                       atol=1e-6),
-               state8.params, state1.params)
+  state1, hist1 = run1 = _run(1, alpha)
+  state8, _ = run8 = _run(8, alpha)
+  _assert_same(run1, run8)
   assert int(state8.step) == 3
   assert hist1[-1]["loss"] < hist1[0]["loss"]  # the step does optimise
+
+
+def test_shard_map_on_a_mesh_matches_pmap():
+  """The same per-device step under jit + shard_map agrees with pmap."""
+  _assert_same(_run(8, 0.5), _run(8, 0.5, wrapper="shard_map"))
 
 
 def test_step_metrics_and_teacher_frozen():
