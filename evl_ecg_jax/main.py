@@ -31,8 +31,9 @@ def parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:
-    bad = [a for a in argv[1:] if a.startswith("--config.")]
-    sys.exit(f"Unknown config field {e} in the overrides {bad}: no such key "
+    key = str(e).strip("\"'")
+    bad = [a for a in argv[1:] if a.startswith("--config.") and key in a]
+    sys.exit(f"Unknown config field {key!r} in {' '.join(bad)}: no such key "
              "in the config file. Check the spelling against the config "
              "file (every field is set there).")
 
