@@ -6,7 +6,7 @@ r"""EVL-ECG runs: teacher training, student distillation and evaluation.
       --config.teacher.init=workdir/teacher --workdir=workdir/student_kd
 
 Variants (`arg`, comma separated): mode=train_teacher|distill|evaluate,
-size=tiny|small, loss=ce|kd, data=synthetic|synthetic500|synthetic_tiny,
+size=tiny|small, loss=ce|kd|evl|evl_no_mhca|evl_no_rel|evl_no_ot, data=synthetic|synthetic500|synthetic_tiny,
 runlocal (a few steps on tiny data, for smoke tests).
 Every field the code reads is set here; override with --config.x.y=value.
 """
@@ -34,6 +34,18 @@ _DATA = {  # variant -> (TFDS name, sampling rate)
     "synthetic": ("synthetic_ecg/100hz", 100),
     "synthetic500": ("synthetic_ecg/500hz", 500),
     "synthetic_tiny": ("synthetic_ecg/tiny", 100),
+}
+# loss variant -> (λ_kd, λ_m, λ_r, λ_ot); `ce` has α = 0 (no teacher).
+_EVL = dict(kd_weight=0.0, mhca_weight=1.0, relation_weight=1.0,
+            ot_weight=1.0)
+_LOSS_WEIGHTS = {
+    "ce": dict(_EVL, mhca_weight=0.0, relation_weight=0.0, ot_weight=0.0),
+    "kd": dict(_EVL, kd_weight=1.0, mhca_weight=0.0, relation_weight=0.0,
+               ot_weight=0.0),
+    "evl": _EVL,
+    "evl_no_mhca": dict(_EVL, mhca_weight=0.0),
+    "evl_no_rel": dict(_EVL, relation_weight=0.0),
+    "evl_no_ot": dict(_EVL, ot_weight=0.0),
 }
 # Steps per mode for the default (CPU-demo) sizes.
 _STEPS = {"train_teacher": 400, "distill": 300, "evaluate": 1}
@@ -68,13 +80,26 @@ def get_config(arg=None):
   )
   config.student = dict(name="cnn1d", dropout=0.1, **_STUDENT[arg.size])
 
+  # L = (1 − α)·L_CE + α·(λ_kd·L_kd + λ_m·L_mhca + λ_r·L_rel + λ_ot·L_ot)
+  # (EVL-ECG Eq. 9; λ_kd = 0 in EVL, the logit-KD baseline uses only it).
+  # The keys are exactly the arguments of `losses.make_objective`.
+  if arg.loss not in _LOSS_WEIGHTS:
+    raise config_lib.ConfigError(
+        f"Config variant loss={arg.loss!r}: expected one of "
+        f"{sorted(_LOSS_WEIGHTS)}.")
   config.loss = dict(
       alpha=0.0 if arg.loss == "ce" else 0.5,  # α: weight of distillation.
       kd_temperature=2.0,  # T of the logit-KD term.
+      features="tokens",  # model output read by MHCA, relation and OT.
+      mhca_heads=2,  # heads of the MHCA aligner (W^Q, W^K, W^V, W^O).
+      mhca_qkv_features=0,  # 0: the student width.
+      mhca_reconstruction_weight=1.0,  # γ: the aligner's anti-collapse term.
+      ot_epsilon=0.1,  # ε, absolute, on C ∈ [0, 4] (unit-norm tokens).
+      ot_plan_gradient="implicit",  # "implicit" (exact) or "stop".
+      ot_threshold=1e-3,  # Sinkhorn marginal-error tolerance.
+      ot_max_iterations=1000,
+      **_LOSS_WEIGHTS[arg.loss],  # λ_kd, λ_m, λ_r, λ_ot.
   )
-  if arg.loss not in ("ce", "kd"):
-    raise config_lib.ConfigError(f"Config variant loss={arg.loss!r}: "
-                                 "expected 'ce' or 'kd'.")
 
   config.optim = dict(
       learning_rate=1e-3,  # peak, after linear warmup; cosine decay to 0.

@@ -82,6 +82,18 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int,
            "α in [0, 1]")
   _require(config.loss.kd_temperature > 0, "loss.kd_temperature",
            config.loss.kd_temperature, "a positive temperature")
+  for field in ("kd_weight", "mhca_weight", "relation_weight", "ot_weight",
+                "mhca_reconstruction_weight"):
+    _require(config.loss[field] >= 0, f"loss.{field}", config.loss[field],
+             "a weight >= 0 (0 switches the term off)")
+  _require(config.loss.ot_epsilon > 0, "loss.ot_epsilon",
+           config.loss.ot_epsilon, "ε > 0 (absolute, on squared distances "
+           "of unit-norm tokens, C in [0, 4])")
+  _require(config.loss.ot_plan_gradient in ("implicit", "stop"),
+           "loss.ot_plan_gradient", config.loss.ot_plan_gradient,
+           "'implicit' or 'stop'")
+  _require(config.loss.mhca_heads > 0, "loss.mhca_heads",
+           config.loss.mhca_heads, "a positive number of heads")
   for field in ("total_steps", "log_every_steps", "eval_every_steps",
                 "ckpt_every_steps"):
     _require(config[field] > 0, field, config[field], "a positive int")

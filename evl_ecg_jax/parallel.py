@@ -23,17 +23,22 @@ def pmap_train_step(step_fn, devices=None):
                   out_axes=(None, None), donate_argnums=(0,), devices=devices)
 
 
-def shard_map_train_step(step_fn, mesh):
+def shard_map_train_step(step_fn, mesh, *, check_vma=True):
   """(state, teacher_params, batch[n*b, ...]) -> (state, metrics) on `mesh`.
 
-  Replication of the outputs is checked (`check_vma`): it holds because the
-  step `pmean`s its gradients and metrics over "data".
+  With `check_vma` the replication of the outputs is checked: it holds
+  because the step `pmean`s its gradients and metrics over "data". ott-jax's
+  Sinkhorn (loss terms "ot") does not type-check under it (a `lax.cond` in
+  its loop mixes varying and unvarying values), so objectives with OT need
+  `check_vma=False`; the step averages its gradients exactly once either way
+  (tests/train/step_test.py checks both against pmap).
   """
   replicated, batch = jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec(
       AXIS)
   return jax.jit(jax.shard_map(
       step_fn, mesh=mesh, in_specs=(replicated, replicated, batch),
-      out_specs=(replicated, replicated)), donate_argnums=(0,))
+      out_specs=(replicated, replicated), check_vma=check_vma),
+                 donate_argnums=(0,))
 
 
 def pmap_predict(predict_fn, devices=None):

@@ -64,6 +64,30 @@ def test_distill_and_evaluate(teacher_dir, tfds_dir, tmp_path):
     loop.fit(_config("mode=evaluate", tfds_dir), str(tmp_path / "empty"))
 
 
+EVL_TERMS = {"train/ce", "train/mhca", "train/mhca_reconstruction",
+             "train/relation", "train/ot"}
+
+
+@pytest.mark.parametrize("variant,absent", [
+    ("evl", set()), ("evl_no_mhca", {"train/mhca"}),
+    ("evl_no_rel", {"train/relation"}), ("evl_no_ot", {"train/ot"})])
+def test_distill_evl_and_ablations(teacher_dir, tfds_dir, tmp_path, variant,
+                                   absent):
+  workdir = str(tmp_path / variant)
+  metrics = loop.fit(_config(f"mode=distill,loss={variant}", tfds_dir,
+                             **{"teacher.init": teacher_dir}), workdir)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    last = [json.loads(line) for line in f if "train/loss" in line][-1]
+  assert EVL_TERMS - absent <= set(last) and not absent & set(last)
+  assert all(np.isfinite(v) for k, v in last.items() if k.startswith("train"))
+  # The checkpoint holds the student and the learned heads; eval reads the
+  # student alone.
+  params = checkpoint.load_params(workdir)
+  assert set(params) == {"model", "heads"}
+  assert ("ot_projection" in params["heads"]) == ("train/ot" not in absent)
+  assert 0.0 <= metrics["test/macro_auc"] <= 1.0
+
+
 def test_resume_gives_the_uninterrupted_result(tfds_dir, tmp_path):
   straight = str(tmp_path / "straight")
   loop.fit(_config("mode=distill,loss=ce", tfds_dir), straight)

@@ -1,13 +1,41 @@
 """Pure, jit-able loss functions of EVL-ECG and its baselines.
 
-Arrays are batched; every loss returns a float32 scalar (mean over the batch)
-and never reads a config.
+Arrays are batched ([B, N, D] tokens, [B, N] bool masks with True = valid);
+every loss returns a float32 scalar (mean over the batch), computes in
+float32 even for bf16 inputs, and never reads a config. The README's "Loss
+API" section maps each function to its equation.
 """
 
+# EVL-ECG: the objective and its three feature terms.
+from evl_ecg_jax.losses.evl import EVLHeads
+from evl_ecg_jax.losses.evl import evl_loss
 from evl_ecg_jax.losses.evl import make_objective
-from evl_ecg_jax.losses.kd import logit_kd_loss
+from evl_ecg_jax.losses.evl import Objective
+from evl_ecg_jax.losses.mhca import mhca_loss
+from evl_ecg_jax.losses.mhca import mhca_reconstruction_loss
+from evl_ecg_jax.losses.mhca import MHCAAligner
+from evl_ecg_jax.losses.ot import ot_loss
 from evl_ecg_jax.losses.relation import relation_loss
+# Task losses.
 from evl_ecg_jax.losses.task import sigmoid_bce_loss
+from evl_ecg_jax.losses.task import softmax_ce_loss
+from evl_ecg_jax.losses.task import token_ce_loss
+# Baselines.
+from evl_ecg_jax.losses.hints import attention_transfer_loss
+from evl_ecg_jax.losses.hints import fitnet_loss
+from evl_ecg_jax.losses.hints import HintRegressor
+from evl_ecg_jax.losses.hints import tinybert_loss
+from evl_ecg_jax.losses.kd import dkd_loss
+from evl_ecg_jax.losses.kd import logit_kd_loss
+from evl_ecg_jax.losses.kd import softmax_kd_loss
+from evl_ecg_jax.losses.kd import uld_loss
+from evl_ecg_jax.losses.relation import rkd_loss
 
-__all__ = ["logit_kd_loss", "make_objective", "relation_loss",
-           "sigmoid_bce_loss"]
+__all__ = [
+    "EVLHeads", "HintRegressor", "MHCAAligner", "Objective",
+    "attention_transfer_loss", "dkd_loss", "evl_loss", "fitnet_loss",
+    "logit_kd_loss", "make_objective", "mhca_loss",
+    "mhca_reconstruction_loss", "ot_loss", "relation_loss", "rkd_loss",
+    "sigmoid_bce_loss", "softmax_ce_loss", "softmax_kd_loss", "tinybert_loss",
+    "token_ce_loss", "uld_loss",
+]

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 
 def f32(*xs):
-  """Upcasts arrays to float32 (losses compute in f32 even for bf16 inputs)."""
-  out = tuple(jnp.asarray(x, jnp.float32) for x in xs)
+  """Upcasts arrays to at least float32 (bf16/f16 -> f32; f64 stays f64).
+
+  Losses compute in f32 even for bf16 inputs; float64 (with jax x64 enabled)
+  passes through, so finite-difference tests can run in double precision.
+  """
+  out = tuple(jnp.asarray(x, jnp.promote_types(jnp.result_type(x),
+                                               jnp.float32)) for x in xs)
   return out if len(out) > 1 else out[0]
 
 
@@ -47,3 +53,27 @@ def pair_mask(mask, n):
   mask = jnp.asarray(mask, bool)
   return (mask[:, :, None] & mask[:, None, :] & off_diagonal).astype(
       jnp.float32)
+
+
+def standardize(x, eps=1e-6):
+  """Parameter-free layer norm over the last axis: zero mean, unit RMS.
+
+  Used to make feature losses scale-free (a side cannot lower a loss by
+  shrinking). Computed in >= float32.
+  """
+  x = f32(x)
+  x = x - jnp.mean(x, axis=-1, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
+def sequence_mean(x, mask=None):
+  """Mean over tokens per sequence, then over the batch. x: [B, N], mask [B, N].
+
+  Every sequence weighs the same whatever its number of valid tokens, so a
+  mask gives the same value as dropping the masked tokens.
+  """
+  if mask is None:
+    return jnp.mean(x)
+  mask = jnp.asarray(mask, x.dtype)
+  per_seq = jnp.sum(x * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1.0)
+  return jnp.mean(per_seq)

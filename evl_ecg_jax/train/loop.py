@@ -33,13 +33,29 @@ def _trained_block(config) -> str:
   return config.eval.model
 
 
-def _init_state(model, tx, config, example_ecg):
-  """Initialises params with jit (placed on device, nothing on host)."""
+def _init_state(model, tx, config, example_ecg, objective=None, teacher=None):
+  """Initialises params with jit (placed on device, nothing on host).
+
+  params = {"model": ...} plus {"heads": ...} when the objective has learned
+  heads (MHCA aligner, OT projection), initialised on the feature shapes of
+  the student and the teacher.
+  """
+  heads = None if objective is None else objective.heads
+  if heads is not None:
+    features = objective.features
+    t_shape = jax.eval_shape(lambda x: teacher.init_with_output(
+        jax.random.PRNGKey(0), x)[0][1][features], example_ecg)
+
   def init(rng):
     params_rng, state_rng = jax.random.split(rng)
     variables = model.init(params_rng, example_ecg)
-    return state_lib.TrainState.create(params={"model": variables["params"]},
-                                       tx=tx, rng=state_rng)
+    params = {"model": variables["params"]}
+    if heads is not None:
+      _, s_feats = model.apply(variables, example_ecg)
+      params["heads"] = heads.init(
+          jax.random.fold_in(rng, 1), s_feats[features],
+          jnp.zeros(t_shape.shape, t_shape.dtype))["params"]
+    return state_lib.TrainState.create(params=params, tx=tx, rng=state_rng)
   return jax.jit(init)(jax.random.PRNGKey(config.seed))
 
 
@@ -78,7 +94,8 @@ def fit(config, workdir: str) -> dict:
   results = evaluate_lib.evaluate(p_predict, params, config.data,
                                   config.eval.splits, n_dev)
   results["model"] = config[block].name
-  results["num_params"] = int(sum(x.size for x in jax.tree.leaves(params)))
+  results["num_params"] = int(sum(x.size for x in jax.tree.leaves(
+      params["model"])))
   _write_json(workdir, "metrics.json", results)
   logging.info("Final metrics: %s", results)
   return results
@@ -92,13 +109,13 @@ def _train(config, workdir, model, p_predict, n_dev):
     teacher_params = parallel.replicate(
         checkpoint.load_params(config.teacher.init)["model"])
   # Only distillation has a teacher; a teacher itself trains on the task loss.
-  objective = losses.make_objective(
-      alpha=config.loss.alpha if teacher is not None else 0.0,
-      kd_temperature=config.loss.kd_temperature)
+  objective = losses.make_objective(**dict(
+      config.loss, alpha=config.loss.alpha if teacher is not None else 0.0))
   tx = optim.make(config.optim, config.total_steps)
 
   example = pipeline.example(config.data)
-  state = _init_state(model, tx, config, jnp.asarray(example["ecg"][None]))
+  state = _init_state(model, tx, config, jnp.asarray(example["ecg"][None]),
+                      objective, teacher)
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.ckpt.max_to_keep)
   data_iter = pipeline.train_iterator(
       config.data, process_index=jax.process_index(),

@@ -18,9 +18,12 @@ def train_step(state, teacher_params, batch, *, model, teacher, objective,
     state: TrainState (replicated).
     teacher_params: frozen teacher params, or None when `teacher` is None.
     batch: {"ecg": [b, T, L], "labels": [b, C]} for this device.
-    model: the Linen module being trained (params under params["model"]).
+    model: the Linen module being trained (params under params["model"];
+      the learned heads of the feature losses, if any, under
+      params["heads"]).
     teacher: frozen Linen teacher, or None (task loss only).
-    objective: (student_out, teacher_out, labels) -> (loss, terms).
+    objective: (head_params, student_out, teacher_out, labels) ->
+      (loss, terms), e.g. `losses.make_objective(...)`.
     tx: optax transformation.
     axis_name: the data-parallel axis of the wrapper.
 
@@ -37,7 +40,7 @@ def train_step(state, teacher_params, batch, *, model, teacher, objective,
   def loss_fn(params):
     out = model.apply({"params": params["model"]}, batch["ecg"], train=True,
                       rngs={"dropout": rng})
-    return objective(out, teacher_out, batch["labels"])
+    return objective(params.get("heads"), out, teacher_out, batch["labels"])
 
   # Differentiate per device, then average once. Without the cast,
   # shard_map's replication typing (check_vma) would already psum the

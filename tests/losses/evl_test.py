@@ -1,0 +1,134 @@
+"""The EVL objective: Eq. 9 combination, ablations, heads and gradient routes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from evl_ecg_jax import losses
+
+B, N, M, DT, DS, C = 4, 12, 5, 10, 6, 3
+EVL = dict(mhca_weight=0.7, relation_weight=0.4, ot_weight=0.3,
+           mhca_heads=2, ot_epsilon=0.2, ot_threshold=1e-6)
+
+
+def _outs(seed=0, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  arr = lambda *shape: jnp.asarray(rng.normal(size=shape), dtype)
+  student = (arr(B, C), {"tokens": arr(B, M, DS)})
+  teacher = (arr(B, C), {"tokens": arr(B, N, DT)})
+  labels = jnp.asarray(rng.random((B, C)) < 0.4, jnp.float32)
+  return student, teacher, labels
+
+
+def _init(objective, student, teacher):
+  return objective.heads.init(jax.random.PRNGKey(0), student[1]["tokens"],
+                              teacher[1]["tokens"])["params"]
+
+
+def test_evl_loss_is_equation_9():
+  terms = {"mhca": 1.5, "relation": 0.25, "ot": 2.0}
+  weights = {"mhca": 0.7, "relation": 0.4, "ot": 0.3}
+  total = losses.evl_loss(0.8, terms, alpha=0.3, weights=weights)
+  assert float(total) == pytest.approx(
+      0.7 * 0.8 + 0.3 * (0.7 * 1.5 + 0.4 * 0.25 + 0.3 * 2.0))
+
+
+def test_objective_matches_the_terms_computed_by_hand():
+  student, teacher, labels = _outs()
+  alpha, gamma = 0.4, 0.5
+  objective = losses.make_objective(alpha=alpha, kd_weight=0.2,
+                                    kd_temperature=2.0,
+                                    mhca_reconstruction_weight=gamma, **EVL)
+  params = _init(objective, student, teacher)
+  total, terms = objective(params, student, teacher, labels)
+  assert set(terms) == {"ce", "kd", "mhca", "mhca_reconstruction", "relation",
+                        "ot"}
+  head = objective.heads.apply({"params": params}, student[1]["tokens"],
+                               teacher[1]["tokens"])
+  h_s, h_t = student[1]["tokens"], teacher[1]["tokens"]
+  unit = lambda x: losses.evl.unit_tokens(x)
+  by_hand = {
+      "ce": losses.sigmoid_bce_loss(student[0], labels),
+      "kd": losses.logit_kd_loss(teacher[0], student[0], temperature=2.0),
+      "mhca": losses.mhca_loss(h_s, head["aligned"]),
+      "mhca_reconstruction": losses.mhca_reconstruction_loss(
+          h_t, head["reconstruction"]),
+      "relation": losses.relation_loss(head["aligned"], h_s),
+      "ot": losses.ot_loss(unit(h_t), unit(head["ot_student"]), epsilon=0.2,
+                           threshold=1e-6),
+  }
+  for name, value in by_hand.items():
+    assert float(terms[name]) == pytest.approx(float(value), rel=1e-5), name
+  expected = (1 - alpha) * by_hand["ce"] + alpha * (
+      0.2 * by_hand["kd"] + 0.7 * by_hand["mhca"] + 0.4 * by_hand["relation"]
+      + 0.3 * by_hand["ot"] + gamma * by_hand["mhca_reconstruction"])
+  assert float(total) == pytest.approx(float(expected), rel=1e-5)
+  # OT tokens are unit vectors, so the OT cost lies in [0, 4].
+  assert 0.0 < float(terms["ot"]) < 4.0
+
+
+@pytest.mark.parametrize("variant,absent,heads", [
+    ("ce", {"kd", "mhca", "relation", "ot", "mhca_reconstruction"}, set()),
+    ("kd", {"mhca", "relation", "ot", "mhca_reconstruction"}, set()),
+    ("evl", {"kd"}, {"aligner", "ot_projection"}),
+    ("evl_no_mhca", {"kd", "mhca"}, {"aligner", "ot_projection"}),
+    ("evl_no_rel", {"kd", "relation"}, {"aligner", "ot_projection"}),
+    ("evl_no_ot", {"kd", "ot"}, {"aligner"}),
+])
+def test_config_variants_switch_terms_off(variant, absent, heads):
+  loss_cfg = dict(default.get_config(f"loss={variant}").loss)
+  objective = losses.make_objective(**loss_cfg)
+  student, teacher, labels = _outs(1)
+  params = None
+  if objective.heads is not None:
+    params = _init(objective, student, teacher)
+  assert set(params or {}) == heads
+  _, terms = objective(params, student, teacher, labels)
+  everything = {"ce", "kd", "mhca", "relation", "ot", "mhca_reconstruction"}
+  assert set(terms) == everything - absent
+
+
+def test_gradient_routes():
+  """Student features learn from every term; the aligner only from its guard."""
+  student, teacher, labels = _outs(2)
+  objective = losses.make_objective(alpha=0.5, **EVL)
+  params = _init(objective, student, teacher)
+
+  def loss(params, h_s, only=None):
+    out = (student[0], {"tokens": h_s})
+    total, terms = objective(params, out, teacher, labels)
+    return total if only is None else terms[only]
+
+  h_s = student[1]["tokens"]
+  g_params, g_hs = jax.grad(loss, argnums=(0, 1))(params, h_s)
+  g_rec = jax.grad(loss)(params, h_s, "mhca_reconstruction")
+  # Aligner gradient of the total = α·γ·(gradient of the guard alone).
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, 0.5 * b, rtol=1e-5,
+                                                       atol=1e-7),
+               g_params["aligner"], g_rec["aligner"])
+  assert float(jnp.max(jnp.abs(g_params["ot_projection"]["kernel"]))) > 0
+  for term in ("mhca", "relation", "ot"):
+    g_term = jax.grad(lambda h: loss(params, h, term))(h_s)
+    assert float(jnp.max(jnp.abs(g_term))) > 0, term
+  assert np.all(np.isfinite(g_hs))
+
+
+def test_teacher_is_never_differentiated():
+  student, teacher, labels = _outs(3)
+  objective = losses.make_objective(alpha=0.5, kd_weight=1.0, **EVL)
+  params = _init(objective, student, teacher)
+  g = jax.grad(lambda t: objective(params, student, t, labels)[0])(teacher)
+  assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in jax.tree.leaves(g))
+
+
+def test_bf16_features_give_finite_f32_loss_and_gradients():
+  student, teacher, labels = _outs(4, jnp.bfloat16)
+  objective = losses.make_objective(alpha=0.5, kd_weight=1.0, **EVL)
+  params = _init(objective, student, teacher)
+  total, grads = jax.value_and_grad(
+      lambda p, s: objective(p, s, teacher, labels)[0], argnums=(0, 1))(
+          params, student)
+  assert total.dtype == jnp.float32 and np.isfinite(float(total))
+  assert all(np.all(np.isfinite(np.float32(g))) for g in jax.tree.leaves(grads))

@@ -1,0 +1,220 @@
+"""ot_loss against POT (entropic and exact OT) and its properties.
+
+POT is an independent implementation: its Sinkhorn plan for the same cost and
+ε is the ott-jax plan, so Σ P·C must agree. Gradients are checked against
+central finite differences in float64, where Sinkhorn can be converged far
+enough for the comparison to be exact.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import ot as pot
+import pytest
+
+from evl_ecg_jax import losses
+
+TIGHT = dict(threshold=1e-10, max_iterations=100_000)  # float64 only
+
+
+def _clouds(seed, b=2, n=9, m=6, d=3, scale=1.0):
+  rng = np.random.default_rng(seed)
+  return (scale * rng.normal(size=(b, n, d)), scale * rng.normal(size=(b, m, d)))
+
+
+def _pot_loss(t, s, eps, t_mask=None, s_mask=None, exact=False):
+  """Mean over the batch of Σ P·C with POT's plan, on the valid tokens."""
+  values = []
+  for i in range(t.shape[0]):
+    ti = t[i] if t_mask is None else t[i][t_mask[i]]
+    si = s[i] if s_mask is None else s[i][s_mask[i]]
+    cost = pot.dist(ti, si)  # squared Euclidean
+    a, b = np.full(len(ti), 1 / len(ti)), np.full(len(si), 1 / len(si))
+    if exact:
+      values.append(pot.emd2(a, b, cost))
+    else:
+      plan = pot.sinkhorn(a, b, cost, eps, method="sinkhorn_log",
+                          numItermax=100_000, stopThr=1e-13)
+      values.append(np.sum(plan * cost))
+  return float(np.mean(values))
+
+
+@pytest.mark.parametrize("eps", [0.1, 0.3, 1.0])
+def test_matches_pot_sinkhorn_plan_cost(eps):
+  t, s = _clouds(0)
+  with jax.enable_x64(True):
+    value = float(losses.ot_loss(t, s, epsilon=eps, **TIGHT))
+  assert value == pytest.approx(_pot_loss(t, s, eps), rel=1e-7)
+  # Default float32 path, default tolerance.
+  value32 = float(losses.ot_loss(t, s, epsilon=eps))
+  assert value32 == pytest.approx(_pot_loss(t, s, eps), rel=2e-3)
+
+
+def test_tends_to_exact_ot_as_epsilon_shrinks():
+  t, s = _clouds(1, b=1, n=7, m=7)
+  exact = _pot_loss(t, s, None, exact=True)
+  gaps = []
+  with jax.enable_x64(True):
+    for eps in (0.5, 0.1, 0.02):
+      gap = float(losses.ot_loss(t, s, epsilon=eps, **TIGHT)) - exact
+      assert gap >= -1e-9  # never below the exact optimum
+      assert gap <= eps * np.log(7 * 7)  # entropic gap bound
+      gaps.append(gap)
+  assert gaps[0] > gaps[1] > gaps[2]
+  assert gaps[-1] < 1e-2 * exact
+
+
+def test_masks_equal_dropping_tokens():
+  t, s = _clouds(2, b=2, n=8, m=6)
+  t_mask = np.ones((2, 8), bool)
+  t_mask[0, [1, 5]] = False
+  t_mask[1, 7] = False
+  s_mask = np.ones((2, 6), bool)
+  s_mask[1, [0, 2]] = False
+  t = np.where(t_mask[..., None], t, 1e6)  # padding garbage must not matter
+  with jax.enable_x64(True):
+    value = float(losses.ot_loss(t, s, epsilon=0.2, teacher_mask=t_mask,
+                                 student_mask=s_mask, **TIGHT))
+    for i in range(2):
+      dropped = float(losses.ot_loss(t[i:i + 1][:, t_mask[i]],
+                                     s[i:i + 1][:, s_mask[i]], epsilon=0.2,
+                                     **TIGHT))
+      assert dropped == pytest.approx(
+          _pot_loss(t[i:i + 1], s[i:i + 1], 0.2, t_mask[i:i + 1],
+                    s_mask[i:i + 1]), rel=1e-7)
+  assert value == pytest.approx(_pot_loss(t, s, 0.2, t_mask, s_mask), rel=1e-7)
+
+
+def _fd_check(shape, eps, seeds, mask_last=False):
+  """Directional derivative of the default gradient vs central differences."""
+  b, n, m, d = shape
+  t_mask = None
+  if mask_last:
+    t_mask = np.ones((b, n), bool)
+    t_mask[:, -1] = False
+  f = jax.jit(functools.partial(losses.ot_loss, epsilon=eps,
+                                teacher_mask=t_mask, **TIGHT))
+  grad = jax.jit(jax.grad(f, argnums=(0, 1)))
+  for seed in seeds:
+    rng = np.random.default_rng(seed)
+    t, s = rng.normal(size=(b, n, d)), rng.normal(size=(b, m, d))
+    dt, ds = rng.normal(size=t.shape), rng.normal(size=s.shape)
+    g_t, g_s = grad(t, s)
+    assert np.all(np.isfinite(g_t)) and np.all(np.isfinite(g_s))
+    h = 1e-5
+    fd = (f(t + h * dt, s + h * ds) - f(t - h * dt, s - h * ds)) / (2 * h)
+    analytic = np.vdot(g_t, dt) + np.vdot(g_s, ds)
+    assert analytic == pytest.approx(float(fd), rel=1e-5, abs=1e-9), (
+        shape, eps, seed)
+
+
+# (B, N, M, D): batch of one, N > M, N < M, N = M, a single token.
+SHAPES = [(1, 7, 4, 3), (2, 12, 5, 2), (2, 3, 9, 4), (1, 6, 6, 5),
+          (1, 1, 5, 2)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gradient_matches_finite_differences(shape):
+  with jax.enable_x64(True):
+    _fd_check(shape, eps=0.3, seeds=range(4))
+    if shape[1] > 2:
+      _fd_check(shape, eps=0.1, seeds=range(4, 6), mask_last=True)
+
+
+@pytest.mark.slow
+def test_gradient_matches_finite_differences_many_random_problems():
+  rng = np.random.default_rng(123)
+  with jax.enable_x64(True):
+    for trial in range(40):
+      shape = tuple(int(x) for x in (rng.integers(1, 4), rng.integers(1, 20),
+                                     rng.integers(1, 20), rng.integers(1, 8)))
+      _fd_check(shape, eps=float(rng.choice([0.1, 0.3, 1.0])),
+                seeds=[trial], mask_last=bool(trial % 2) and shape[1] > 1)
+
+
+def test_stop_gradient_holds_the_plan_constant():
+  t, s = _clouds(3, b=1)
+  with jax.enable_x64(True):
+    g_t, g_s = jax.grad(lambda t_, s_: losses.ot_loss(
+        t_, s_, epsilon=0.2, plan_gradient="stop", **TIGHT), argnums=(0, 1))(
+            t, s)
+    plan = pot.sinkhorn(np.full(9, 1 / 9), np.full(6, 1 / 6),
+                        pot.dist(t[0], s[0]), 0.2, method="sinkhorn_log",
+                        numItermax=100_000, stopThr=1e-13)
+    fixed = lambda t_, s_: jnp.sum(plan * jnp.sum(
+        (t_[0][:, None] - s_[0][None]) ** 2, -1))
+    e_t, e_s = jax.grad(fixed, argnums=(0, 1))(t, s)
+    # The envelope gradient differs from the exact one (the plan moves).
+    g_exact = jax.grad(lambda s_: losses.ot_loss(t, s_, epsilon=0.2,
+                                                 **TIGHT))(s)
+  np.testing.assert_allclose(g_t, e_t, rtol=1e-6, atol=1e-9)
+  np.testing.assert_allclose(g_s, e_s, rtol=1e-6, atol=1e-9)
+  assert np.max(np.abs(g_exact - g_s)) > 1e-3
+
+
+def test_permutation_invariance():
+  t, s = _clouds(4)
+  perm_t, perm_s = np.random.default_rng(0).permutation(9), np.arange(6)[::-1]
+  f = lambda t_, s_: losses.ot_loss(t_, s_, epsilon=0.2)
+  g_t, g_s = jax.grad(f, argnums=(0, 1))(t, s)
+  gp_t, gp_s = jax.grad(f, argnums=(0, 1))(t[:, perm_t], s[:, perm_s])
+  assert float(f(t[:, perm_t], s[:, perm_s])) == pytest.approx(
+      float(f(t, s)), rel=1e-5)
+  np.testing.assert_allclose(gp_t, g_t[:, perm_t], rtol=1e-3, atol=1e-5)
+  np.testing.assert_allclose(gp_s, g_s[:, perm_s], rtol=1e-3, atol=1e-5)
+
+
+def test_identical_clouds_give_the_entropic_floor_and_shifts_add_shift2():
+  t, _ = _clouds(5, b=1, n=8)
+  shift = np.array([0.3, -1.2, 0.5])
+  with jax.enable_x64(True):
+    floor = float(losses.ot_loss(t, t, epsilon=0.1, **TIGHT))
+    shifted = float(losses.ot_loss(t, t + shift, epsilon=0.1, **TIGHT))
+  independent = np.mean(pot.dist(t[0], t[0]))  # cost of the product plan
+  assert floor == pytest.approx(_pot_loss(t, t, 0.1), rel=1e-7)
+  assert 0 < floor < 0.05 * independent
+  # A common shift δ only adds ‖δ‖² (the plan does not change).
+  assert shifted == pytest.approx(floor + np.sum(shift**2), rel=1e-6)
+
+
+def test_one_valid_teacher_token_is_the_mean_distance():
+  t, s = _clouds(6, b=1, n=5, m=4)
+  mask = np.zeros((1, 5), bool)
+  mask[0, 2] = True
+  f = lambda t_, s_: losses.ot_loss(t_, s_, epsilon=0.1, teacher_mask=mask)
+  expected = np.mean(np.sum((t[0, 2] - s[0]) ** 2, -1))
+  assert float(f(t, s)) == pytest.approx(expected, rel=1e-5)
+  grads = jax.grad(f, argnums=(0, 1))(t, s)
+  assert all(np.all(np.isfinite(g)) for g in grads)
+  np.testing.assert_array_equal(grads[0][0, [0, 1, 3, 4]], 0.0)
+
+
+def test_bf16_and_large_inputs_stay_finite():
+  t, s = _clouds(7)
+  f = lambda t_, s_: losses.ot_loss(t_, s_, epsilon=0.2)
+  ref = float(f(t, s))
+  tb, sb = jnp.asarray(t, jnp.bfloat16), jnp.asarray(s, jnp.bfloat16)
+  value = f(tb, sb)
+  assert value.dtype == jnp.float32 and value == pytest.approx(ref, rel=2e-2)
+  g = jax.grad(f, argnums=(0, 1))(tb, sb)
+  assert all(x.dtype == jnp.bfloat16 and np.all(np.isfinite(np.float32(x)))
+             for x in g)
+  # Far from the origin: the common centring keeps the value exact.
+  assert float(f(t + 1e4, s + 1e4)) == pytest.approx(ref, rel=1e-3)
+  # Large magnitude (costs ~1e6 at ε = 0.2): finite value and gradients.
+  big = f(1e3 * t, 1e3 * s)
+  g_big = jax.grad(f, argnums=(0, 1))(1e3 * t, 1e3 * s)
+  assert np.isfinite(float(big)) and all(np.all(np.isfinite(x))
+                                         for x in g_big)
+
+
+def test_bad_arguments_are_named():
+  t, s = _clouds(0)
+  with pytest.raises(ValueError, match="common width"):
+    losses.ot_loss(t, s[..., :2], epsilon=0.1)
+  with pytest.raises(ValueError, match="plan_gradient"):
+    losses.ot_loss(t, s, epsilon=0.1, plan_gradient="unrolled")
+  with pytest.raises(ValueError, match="epsilon"):
+    losses.ot_loss(t, s, epsilon=0.0)
