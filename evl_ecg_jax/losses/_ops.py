@@ -25,15 +25,30 @@ def masked_mean(x, mask=None):
   return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def squared_distances(x, y):
+  """C_ij = ‖x_i − y_j‖² [..., N, M] for x [..., N, D], y [..., M, D], >= 0.
+
+  Gram expansion (O(N·M + (N + M)·D) memory, unlike differences, which
+  materialise [..., N, M, D]). Both sets are first shifted by a common
+  centre (C is translation invariant), which keeps the expansion accurate
+  for inputs far from the origin.
+  """
+  centre = 0.5 * (jnp.mean(x, axis=-2, keepdims=True)
+                  + jnp.mean(y, axis=-2, keepdims=True))
+  x, y = x - centre, y - centre
+  sq = (jnp.sum(x * x, -1)[..., :, None] + jnp.sum(y * y, -1)[..., None, :]
+        - 2.0 * jnp.einsum("...id,...jd->...ij", x, y))
+  return jnp.maximum(sq, 0.0)
+
+
 def pairwise_distances(x):
   """Euclidean distances [..., N, N] between the rows of x [..., N, D].
 
-  Computed from differences (not the Gram expansion, which cancels
-  catastrophically for nearby points) with a gradient-safe square root: the
-  diagonal is exactly 0 with a zero (not NaN) gradient.
+  Gradient-safe square root: the diagonal is exactly 0 with a zero (not
+  NaN) gradient, and so is any pair whose squared distance rounds to 0.
   """
-  diff = x[..., :, None, :] - x[..., None, :, :]
-  sq = jnp.sum(diff * diff, axis=-1)
+  sq = squared_distances(x, x)
+  sq = jnp.where(jnp.eye(x.shape[-2], dtype=bool), 0.0, sq)
   positive = sq > 0
   return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
 

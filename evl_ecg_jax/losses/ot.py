@@ -30,19 +30,6 @@ from evl_ecg_jax.losses import _ops
 PLAN_GRADIENTS = ("implicit", "stop")
 
 
-def squared_distances(x, y):
-  """C_ij = ‖x_i − y_j‖² for x [N, D], y [M, D], clamped at 0.
-
-  Both clouds are shifted by a common centre first (C is translation
-  invariant), which keeps the Gram expansion accurate for inputs far from 0.
-  """
-  centre = 0.5 * (jnp.mean(x, axis=0) + jnp.mean(y, axis=0))
-  x, y = x - centre, y - centre
-  sq = (jnp.sum(x * x, -1)[:, None] + jnp.sum(y * y, -1)[None, :]
-        - 2.0 * x @ y.T)
-  return jnp.maximum(sq, 0.0)
-
-
 def _potentials(cost, a, b, epsilon, threshold, max_iterations):
   """Sinkhorn dual potentials (f [N], g [M]) of the entropic problem."""
   geom = geometry.Geometry(cost_matrix=cost, epsilon=epsilon)
@@ -103,14 +90,14 @@ def _cost_gradient(plan, cost, epsilon):
 def _transport_cost(x, y, a, b, epsilon, plan_gradient, threshold,
                     max_iterations):
   """⟨P*, C(x, y)⟩ for one pair of clouds; see `ot_loss`."""
-  cost = squared_distances(x, y)
+  cost = _ops.squared_distances(x, y)
   f, g = _potentials(cost, a, b, epsilon, threshold, max_iterations)
   return jnp.sum(_plan(cost, f, g, a, b, epsilon) * cost)
 
 
 def _transport_cost_fwd(x, y, a, b, epsilon, plan_gradient, threshold,
                         max_iterations):
-  cost = squared_distances(x, y)
+  cost = _ops.squared_distances(x, y)
   f, g = _potentials(cost, a, b, epsilon, threshold, max_iterations)
   plan = _plan(cost, f, g, a, b, epsilon)
   return jnp.sum(plan * cost), (x, y, a, b, plan)
@@ -120,7 +107,7 @@ def _transport_cost_bwd(epsilon, plan_gradient, threshold, max_iterations,
                         residuals, g_out):
   del threshold, max_iterations
   x, y, a, b, plan = residuals
-  cost, cost_vjp = jax.vjp(squared_distances, x, y)
+  cost, cost_vjp = jax.vjp(_ops.squared_distances, x, y)
   if plan_gradient == "stop":
     d_cost = plan  # envelope approximation: the plan is held constant.
   else:
