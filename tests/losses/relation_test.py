@@ -77,3 +77,31 @@ def test_length_mismatch_is_an_error():
   t, s = _tokens(0)
   with pytest.raises(ValueError, match="align the teacher first"):
     losses.relation_loss(t, s[:, :5])
+
+
+def test_teacher_side_invariances():
+  t, s = _tokens(5, dt=3, ds=3)
+  rot = Rotation.random(random_state=1).as_matrix()
+  base = float(losses.relation_loss(t, s))
+  assert float(losses.relation_loss(0.2 * t @ rot.T, s)) == pytest.approx(
+      base, rel=1e-5)
+  # L_D alone is translation invariant; L_A (cosines) is not, by definition.
+  pairs = jnp.asarray(~np.eye(7, dtype=bool), jnp.float32)[None]
+  d = losses.relation.normalized_distances(jnp.asarray(t, jnp.float32), pairs)
+  d_shift = losses.relation.normalized_distances(
+      jnp.asarray(t + 7.0, jnp.float32), pairs)
+  np.testing.assert_allclose(d_shift, d, rtol=1e-4, atol=1e-5)
+
+
+def test_large_inputs_and_single_token_masks_stay_finite():
+  t, s = (jnp.asarray(x, jnp.float32) for x in _tokens(6))
+  f = lambda t_, s_, m=None: losses.relation_loss(t_, s_, mask=m)
+  # Scale invariance holds at large magnitude too.
+  assert float(f(1e3 * t, 1e3 * s)) == pytest.approx(float(f(t, s)), rel=1e-4)
+  one = np.zeros((3, 7), bool)
+  one[:, 0] = True
+  for args in ((1e3 * t, 1e3 * s), (t, s, one)):
+    value, grads = jax.value_and_grad(f, argnums=(0, 1))(*args)
+    assert np.isfinite(float(value))
+    assert all(np.all(np.isfinite(g)) for g in grads)
+  assert float(f(t, s, one)) == 0.0  # no pair i != j left
