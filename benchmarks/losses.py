@@ -1,0 +1,119 @@
+r"""Forward + backward cost of each loss, at demo and at paper scale.
+
+  python benchmarks/losses.py --out=workdir/benchmarks [--scales=demo,paper]
+
+Each case is `jit(value_and_grad)` of one loss with respect to the student's
+features and the learned heads, on random features (B = 32):
+  demo:  teacher 250 tokens x 64, student 63 tokens x 32 (configs/default.py)
+  paper: teacher 256 tokens x 1024, student 64 tokens x 2048; the OT
+         projection maps the student to the teacher width 1024.
+"EVL" is the full feature objective (MHCA + guard, relation, OT); OT's share
+of it is reported both as OT alone / EVL and as 1 − (EVL without OT) / EVL.
+Writes losses.json and losses.md; compare ratios, not seconds.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _timing  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from evl_ecg_jax import losses  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
+_OUT = flags.DEFINE_string("out", "workdir/benchmarks", "Output directory.")
+_SCALES = flags.DEFINE_list("scales", ["demo", "paper"], "Scales to run.")
+_CALLS = flags.DEFINE_integer("calls", 3, "Timed calls per round.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Interleaved timing rounds.")
+
+SCALES = {  # (B, N, Dt, M, Ds, MHCA heads, MHCA qkv width)
+    "demo": (32, 250, 64, 63, 32, 2, 32),
+    "paper": (32, 256, 1024, 64, 2048, 8, 1024),
+}
+OT = dict(ot_epsilon=0.1, ot_threshold=1e-3, ot_max_iterations=1000)
+
+
+def _objective_case(weights, heads, qkv, h_s, h_t, **ot_kwargs):
+  """value_and_grad of the weighted feature terms wrt (heads, student)."""
+  objective = losses.make_objective(alpha=1.0, mhca_heads=heads,
+                                    mhca_qkv_features=qkv,
+                                    **dict(OT, **ot_kwargs), **weights)
+  params = objective.heads.init(jax.random.PRNGKey(0), h_s, h_t)["params"]
+  weights = dict(objective.weights, mhca_reconstruction=1.0)
+
+  def loss(params, h_s, h_t):
+    terms = objective.distill_terms(params, (None, {"tokens": h_s}),
+                                    (None, {"tokens": h_t}))
+    return sum(weights[k] * v for k, v in terms.items())
+
+  fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  return functools.partial(fn, params, h_s, h_t)
+
+
+def _pure_case(loss, *args):
+  fn = jax.jit(jax.value_and_grad(loss, argnums=1))
+  return functools.partial(fn, *args)
+
+
+def _cases(scale):
+  b, n, dt, m, ds, heads, qkv = SCALES[scale]
+  rng = np.random.default_rng(0)
+  arr = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  h_t, h_s = arr(b, n, dt), arr(b, m, ds)
+  t_unit = losses.evl.unit_tokens(h_t)
+  s_unit = losses.evl.unit_tokens(arr(b, m, dt))
+  obj = functools.partial(_objective_case, heads=heads, qkv=qkv, h_s=h_s,
+                          h_t=h_t)
+  return {
+      "logit KD (5 classes)": _pure_case(
+          functools.partial(losses.logit_kd_loss, temperature=2.0),
+          arr(b, 5), arr(b, 5)),
+      "relation (aligned teacher, student)": _pure_case(
+          losses.relation_loss, arr(b, m, ds), h_s),
+      "OT, projected tokens, implicit grad": _pure_case(
+          functools.partial(losses.ot_loss, epsilon=0.1, threshold=1e-3),
+          t_unit, s_unit),
+      "OT, projected tokens, plan stopped": _pure_case(
+          functools.partial(losses.ot_loss, epsilon=0.1, threshold=1e-3,
+                            plan_gradient="stop"), t_unit, s_unit),
+      "MHCA: aligner + L_mhca + guard": obj({"mhca_weight": 1.0}),
+      "OT term: projection + L_ot": obj({"ot_weight": 1.0}),
+      "EVL: MHCA + relation + OT": obj({"mhca_weight": 1.0,
+                                        "relation_weight": 1.0,
+                                        "ot_weight": 1.0}),
+      "EVL without OT": obj({"mhca_weight": 1.0, "relation_weight": 1.0}),
+  }
+
+
+def main(argv):
+  del argv
+  result, rows = {"calls": _CALLS.value, "repeats": _REPEATS.value,
+                  "scales": {}}, []
+  for scale in _SCALES.value:
+    times = _timing.time_interleaved(_cases(scale), calls=_CALLS.value,
+                                     repeats=_REPEATS.value)
+    evl = times["EVL: MHCA + relation + OT"]
+    summary = {"ot_term_over_evl": times["OT term: projection + L_ot"] / evl,
+               "one_minus_no_ot_over_evl": 1 - times["EVL without OT"] / evl}
+    result["scales"][scale] = {"shape_b_n_dt_m_ds_heads_qkv": SCALES[scale],
+                               "seconds": times, **summary}
+    rows += [[scale, name, f"{sec * 1e3:.2f}", f"{sec / evl:.2f}"]
+             for name, sec in times.items()]
+    rows.append([scale, "**OT's share of EVL**",
+                 f"{summary['ot_term_over_evl']:.0%} (alone) / "
+                 f"{summary['one_minus_no_ot_over_evl']:.0%} (removed)", ""])
+  print(_timing.write_report(_OUT.value, "losses", result,
+                             ["scale", "loss (fwd + bwd)", "ms", "vs EVL"],
+                             rows))
+
+
+if __name__ == "__main__":
+  app.run(main)
