@@ -36,8 +36,12 @@ _DATA = {  # variant -> (TFDS name, sampling rate)
     "synthetic_tiny": ("synthetic_ecg/tiny", 100),
 }
 # loss variant -> (λ_kd, λ_m, λ_r, λ_ot); `ce` has α = 0 (no teacher).
-_EVL = dict(kd_weight=0.0, mhca_weight=1.0, relation_weight=1.0,
-            ot_weight=1.0)
+# λ_m = λ_r = λ_ot chosen on the synthetic validation split (tiny sizes,
+# α = 0.5, one seed): validation macro-AUC 0.568 / 0.745 / 0.773 / 0.781 for
+# λ = 1 / 0.1 / 0.03 / 0.01 (CE only 0.782, logit KD 0.789). The edge
+# student has no capacity to spare on this data; re-tune per dataset.
+_EVL = dict(kd_weight=0.0, mhca_weight=0.01, relation_weight=0.01,
+            ot_weight=0.01)
 _LOSS_WEIGHTS = {
     "ce": dict(_EVL, mhca_weight=0.0, relation_weight=0.0, ot_weight=0.0),
     "kd": dict(_EVL, kd_weight=1.0, mhca_weight=0.0, relation_weight=0.0,

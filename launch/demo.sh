@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end demo on the embedded synthetic ECGs (CPU, a few minutes):
 # train a ViT teacher, train the CNN student with the task loss only, distil
-# the student from the frozen teacher, evaluate all three, print the table.
+# the student from the frozen teacher with logit KD and with EVL (MHCA + OT +
+# relation), evaluate all four, print the table.
 # Usage: launch/demo.sh [WORKDIR] [extra --config.* overrides for every run]
 set -euo pipefail
 WORKDIR=${1:-workdir/demo}
@@ -18,7 +19,11 @@ DATA=(--config.data.data_dir="${WORKDIR}/tfds")
 "$PY" -m evl_ecg_jax.main --config="${CFG}:mode=distill,loss=kd" \
   --config.teacher.init="${WORKDIR}/teacher" \
   --workdir="${WORKDIR}/student_kd" "${DATA[@]}" "$@"
+"$PY" -m evl_ecg_jax.main --config="${CFG}:mode=distill,loss=evl" \
+  --config.teacher.init="${WORKDIR}/teacher" \
+  --workdir="${WORKDIR}/student_evl" "${DATA[@]}" "$@"
 "$PY" -m evl_ecg_jax.eval.report --out="${WORKDIR}/report.md" \
   "teacher (ViT1D)=${WORKDIR}/teacher" \
   "student, task loss only=${WORKDIR}/student_ce" \
-  "student, distilled (KD)=${WORKDIR}/student_kd"
+  "student, distilled (KD)=${WORKDIR}/student_kd" \
+  "student, distilled (EVL)=${WORKDIR}/student_evl"
