@@ -6,10 +6,18 @@ r"""EVL-ECG runs: teacher training, student distillation and evaluation.
       --config.teacher.init=workdir/teacher --workdir=workdir/student_kd
 
 Variants (`arg`, comma separated): mode=train_teacher|distill|evaluate,
-size=tiny|small, loss=ce|kd|evl|evl_no_mhca|evl_no_rel|evl_no_ot, data=synthetic|synthetic500|synthetic_tiny,
-runlocal (a few steps on tiny data, for smoke tests).
+size=tiny|small, loss=ce|kd|evl|evl_no_mhca|evl_no_rel|evl_no_ot,
+data=synthetic|synthetic500|synthetic_tiny|ptbxl|ptbxl500,
+folds=standard|shared (PTB-XL: train 1-8/val 9/test 10, or 1-7/8/9 for the
+shared subset), runlocal (a few steps on tiny data, for smoke tests).
+
+Real data is read from the official layout, never copied: e.g.
+  --config=configs/default.py:data=ptbxl,folds=shared \
+      --config.data.manual_dir=../shared/data/ptbxl
 Every field the code reads is set here; override with --config.x.y=value.
 """
+
+import os
 
 import ml_collections
 
@@ -34,6 +42,17 @@ _DATA = {  # variant -> (TFDS name, sampling rate)
     "synthetic": ("synthetic_ecg/100hz", 100),
     "synthetic500": ("synthetic_ecg/500hz", 500),
     "synthetic_tiny": ("synthetic_ecg/tiny", 100),
+    "ptbxl": ("ptbxl/100hz_superdiagnostic", 100),
+    "ptbxl500": ("ptbxl/500hz_superdiagnostic", 500),
+}
+_SYNTHETIC_SPLITS = dict(train="train", validation="validation", test="test")
+# PTB-XL strat_folds -> splits: the benchmark's 1-8 / 9 / 10 (Strodthoff et
+# al. 2021), or 1-7 / 8 / 9 for the shared subset, which has no fold 10.
+_FOLDS = {
+    "standard": dict(train="+".join(f"fold{k}" for k in range(1, 9)),
+                     validation="fold9", test="fold10"),
+    "shared": dict(train="+".join(f"fold{k}" for k in range(1, 8)),
+                   validation="fold8", test="fold9"),
 }
 # loss variant -> (λ_kd, λ_m, λ_r, λ_ot); `ce` has α = 0 (no teacher).
 # λ_m = λ_r = λ_ot chosen on the synthetic validation split (tiny sizes,
@@ -58,17 +77,29 @@ _STEPS = {"train_teacher": 400, "distill": 300, "evaluate": 1}
 def get_config(arg=None):
   """Returns the run config for the variants in `arg`."""
   arg = config_lib.parse_arg(arg, mode="distill", size="tiny", loss="kd",
-                             data="synthetic", runlocal=False)
+                             data="synthetic", folds="standard",
+                             runlocal=False)
+  for variant, known in (("data", _DATA), ("folds", _FOLDS)):
+    if arg[variant] not in known:
+      raise config_lib.ConfigError(
+          f"Config variant {variant}={arg[variant]!r}: expected one of "
+          f"{sorted(known)}.")
+  synthetic = arg.data.startswith("synthetic")
   config = ml_collections.ConfigDict()
   config.mode = arg.mode
   config.seed = 0
 
-  tfds_name, rate = _DATA["synthetic_tiny" if arg.runlocal else arg.data]
+  tfds_name, rate = _DATA["synthetic_tiny" if arg.runlocal and synthetic
+                           else arg.data]
   config.data = dict(
       tfds_name=tfds_name,
       data_dir="",  # "" -> TFDS default ($TFDS_DATA_DIR or ~/tensorflow_datasets).
+      # Real data: the downloaded dataset in its official layout (TFDS
+      # manual_dir), e.g. ../shared/data/ptbxl or $PTBXL_DIR.
+      manual_dir="" if synthetic else os.environ.get("PTBXL_DIR", ""),
       class_names=("NORM", "MI", "STTC", "CD", "HYP"),  # C = 5 superclasses.
-      train_split="train",
+      # Logical split -> TFDS split (PTB-XL: sums of strat_folds).
+      splits=_SYNTHETIC_SPLITS if synthetic else _FOLDS[arg.folds],
       batch_size=8 if arg.runlocal else 32,  # global, split over all devices.
       eval_batch_size=16 if arg.runlocal else 256,
       shuffle_seed=0,

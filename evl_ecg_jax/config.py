@@ -74,6 +74,10 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int,
     name = config[block].name
     _require(name in model_names, f"{block}.name", name,
              f"a registered model {sorted(model_names)}")
+  manual_dir = config.data.manual_dir
+  _require(not manual_dir or os.path.isdir(os.path.expanduser(manual_dir)),
+           "data.manual_dir", manual_dir,
+           "an existing folder holding the dataset in its official layout")
   for field in ("batch_size", "eval_batch_size"):
     size = config.data[field]
     _require(size > 0 and size % num_devices == 0, f"data.{field}", size,

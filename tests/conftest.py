@@ -21,7 +21,8 @@ def tfds_dir(tmp_path_factory):
   from evl_ecg_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   data_dir = str(tmp_path_factory.mktemp("tfds"))
-  cfg = ml_collections.ConfigDict({"tfds_name": "synthetic_ecg/tiny",
-                                   "data_dir": data_dir})
+  cfg = ml_collections.ConfigDict({
+      "tfds_name": "synthetic_ecg/tiny", "data_dir": data_dir,
+      "manual_dir": "", "splits": {"train": "train"}})
   pipeline.source(cfg, "train")
   return data_dir

@@ -19,18 +19,42 @@ from evl_ecg_jax.data import builders  # noqa: F401  (registers builders)
 FEATURES = ("ecg", "labels", "id")
 
 
+def _path(path: str) -> str | None:
+  return os.path.abspath(os.path.expanduser(path)) if path else None
+
+
 def source(data_cfg, split: str):
-  """Random-access TFDS source of `split`; prepares the dataset if needed."""
-  data_dir = data_cfg.data_dir and os.path.abspath(
-      os.path.expanduser(data_cfg.data_dir))
-  return tfds.data_source(data_cfg.tfds_name, split=split,
-                          data_dir=data_dir or None,
-                          builder_kwargs={"file_format": "array_record"})
+  """Random-access TFDS source of logical `split` (train, validation, test).
+
+  `data_cfg.splits[split]` names the TFDS split (PTB-XL: a sum of folds).
+  Prepares the dataset on first use, from `data_cfg.manual_dir` for real data.
+  """
+  if split not in data_cfg.splits:
+    raise ValueError(f"config.data.splits has no {split!r} entry; it maps "
+                     f"{sorted(data_cfg.splits)}.")
+  spec = data_cfg.splits[split]
+  prepare = {}
+  if data_cfg.manual_dir:
+    prepare = {"download_config": tfds.download.DownloadConfig(
+        manual_dir=_path(data_cfg.manual_dir))}
+  try:
+    return tfds.data_source(data_cfg.tfds_name, split=spec,
+                            data_dir=_path(data_cfg.data_dir),
+                            builder_kwargs={"file_format": "array_record"},
+                            download_and_prepare_kwargs=prepare)
+  except (ValueError, KeyError) as e:
+    if "split" not in str(e).lower():
+      raise
+    raise ValueError(
+        f"config.data.splits.{split}={spec!r}: {data_cfg.tfds_name} has no "
+        f"such split(s) ({e}). A PTB-XL subset without fold 10 needs "
+        "folds=shared (train 1-7, validation 8, test 9) or explicit "
+        "--config.data.splits.* overrides.") from None
 
 
 def example(data_cfg) -> dict:
   """First training record, checked against `data_cfg.class_names`."""
-  record = _select(source(data_cfg, data_cfg.train_split)[0])
+  record = _select(source(data_cfg, "train")[0])
   num_labels = record["labels"].shape[-1]
   if num_labels != len(data_cfg.class_names):
     raise ValueError(
@@ -54,7 +78,7 @@ def train_iterator(data_cfg, *, process_index=0, process_count=1,
                    read_threads=None):
   """Infinite, checkpointable iterator of host-local training batches."""
   batch = host_batch_size(data_cfg.batch_size, process_count)
-  ds = (grain.MapDataset.source(source(data_cfg, data_cfg.train_split))
+  ds = (grain.MapDataset.source(source(data_cfg, "train"))
         [process_index::process_count]
         .shuffle(seed=data_cfg.shuffle_seed)
         .repeat()

@@ -75,6 +75,10 @@ def fit(config, workdir: str) -> dict:
     raise config_lib.ConfigError(
         f"--workdir={workdir}: mode=evaluate expected a workdir holding a "
         "checkpoint (of a train_teacher or distill run); none found.")
+  # Every split the run reads must exist before anything is built or trained
+  # (this also prepares the dataset on first use).
+  for split in {"train", *config.eval.splits}:
+    pipeline.source(config.data, split)
   os.makedirs(workdir, exist_ok=True)
   # An evaluation keeps the training run's config.json as it was.
   _write_json(workdir, "config.json" if config.mode != "evaluate"
