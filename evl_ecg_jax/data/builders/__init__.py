@@ -1,8 +1,9 @@
 """TFDS builders; importing this package registers them.
 
-`synthetic_ecg` (embedded generator) and `ptbxl` (manual_dir: the dataset in
-its official layout).
+`synthetic_ecg` (embedded generator), `ptbxl` and `cinc2021` (manual_dir:
+the datasets in their official layouts).
 """
 
+from evl_ecg_jax.data.builders import cinc2021  # noqa: F401
 from evl_ecg_jax.data.builders import ptbxl  # noqa: F401
 from evl_ecg_jax.data.builders import synthetic_ecg  # noqa: F401
