@@ -21,11 +21,11 @@ import dataclasses
 import os
 from typing import Any, Iterator
 
-from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
 from evl_ecg_jax.data import cinc
+from evl_ecg_jax.data.builders import _base
 
 
 @dataclasses.dataclass
@@ -48,7 +48,7 @@ def _age(value: str) -> float:
     return float("nan")  # 'NaN', '' and other unknowns
 
 
-class Cinc2021(tfds.core.GeneratorBasedBuilder):
+class Cinc2021(_base.ArrayRecordBuilder):
   """12-lead ECGs of the PhysioNet/CinC Challenge 2020-21, one split per source."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -63,10 +63,6 @@ class Cinc2021(tfds.core.GeneratorBasedBuilder):
       "Download the Challenge 2021 training data from PhysioNet "
       "(https://physionet.org/content/challenge-2021/) and set manual_dir "
       "(config.data.manual_dir) to the folder holding the .hea/.mat files.")
-
-  def __init__(self, *, file_format: str | None = None, **kwargs: Any):
-    """Like the base builder, but array_record (TF-free) files by default."""
-    super().__init__(file_format=file_format or "array_record", **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     cfg = self.builder_config
@@ -109,27 +105,19 @@ class Cinc2021(tfds.core.GeneratorBasedBuilder):
       try:
         source = cinc.source_database(name)
       except cinc.BadRecord as e:
-        self._bad(e, counts["unknown_source"])
+        self.skip_or_raise(e, counts["unknown_source"])
         continue
       if cfg.skip_bad_records:
         try:
           cinc.read_record(path)
         except cinc.BadRecord as e:
-          self._bad(e, counts[source])
+          self.skip_or_raise(e, counts[source])
           continue
       kept[source].append((index, path))
     self._counts = counts
     self.info.metadata["empty_sources"] = sorted(set(counts) - set(kept))
     return {source: self._generate_examples(records, counts[source])
             for source, records in sorted(kept.items())}
-
-  def _bad(self, error, counter):
-    if not self.builder_config.skip_bad_records:
-      raise cinc.BadRecord(f"{error} (set skip_bad_records=True in the "
-                           "cinc2021 builder config to skip and count such "
-                           "records)") from None
-    counter["skipped"] += 1
-    logging.warning("cinc2021: skipped: %s", error)
 
   def _generate_examples(self, records, counts):
     """Yields (id, example), resampled and cropped/padded."""
@@ -138,7 +126,7 @@ class Cinc2021(tfds.core.GeneratorBasedBuilder):
       try:
         signal, fs, fields = cinc.read_record(path)
       except cinc.BadRecord as e:  # only without skip_bad_records
-        self._bad(e, counts)
+        self.skip_or_raise(e, counts)
         continue
       ecg, valid = cinc.crop_or_pad(
           cinc.resample(signal, fs, cfg.sampling_rate),

@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from evl_ecg_jax.data import ptbxl
+from evl_ecg_jax.data.builders import _base
 
 
 @dataclasses.dataclass
@@ -47,7 +48,7 @@ def _configs():
           for rate in (100, 500) for label_set in ptbxl.LABEL_SETS]
 
 
-class Ptbxl(tfds.core.GeneratorBasedBuilder):
+class Ptbxl(_base.ArrayRecordBuilder):
   """PTB-XL 12-lead 10-s ECGs with benchmark label sets, one split per fold."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -58,10 +59,6 @@ class Ptbxl(tfds.core.GeneratorBasedBuilder):
       "Download PTB-XL from PhysioNet (https://physionet.org/content/ptb-xl/) "
       "and set manual_dir (config.data.manual_dir) to the folder holding "
       "ptbxl_database.csv, scp_statements.csv and records100/.")
-
-  def __init__(self, *, file_format: str | None = None, **kwargs: Any):
-    """Like the base builder, but array_record (TF-free) files by default."""
-    super().__init__(file_format=file_format or "array_record", **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     cfg = self.builder_config
@@ -116,12 +113,7 @@ class Ptbxl(tfds.core.GeneratorBasedBuilder):
         if cfg.skip_bad_records:
           self._signal(root, row)
       except ptbxl.BadRecord as e:
-        if not cfg.skip_bad_records:
-          raise ptbxl.BadRecord(f"{e} (set skip_bad_records=True in the "
-                                "ptbxl builder config to skip and count such "
-                                "records)") from None
-        counts[fold]["skipped"] += 1
-        logging.warning("ptbxl %s: skipped: %s", fold, e)
+        self.skip_or_raise(e, counts[fold])
         continue
       counts[fold]["examples"] += 1
       kept[fold].append((row, hot))

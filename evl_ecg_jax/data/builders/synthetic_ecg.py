@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from evl_ecg_jax.data import synthetic
+from evl_ecg_jax.data.builders import _base
 
 SPLIT_OFFSETS = {"train": 0, "validation": 1, "test": 2}
 DURATION_S = 10.0
@@ -37,7 +38,7 @@ class SyntheticEcgConfig(tfds.core.BuilderConfig):
   seed: int = 0
 
 
-class SyntheticEcg(tfds.core.GeneratorBasedBuilder):
+class SyntheticEcg(_base.ArrayRecordBuilder):
   """Synthetic 12-lead ECGs (10 s) with PTB-XL diagnostic superclass labels."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -50,10 +51,6 @@ class SyntheticEcg(tfds.core.GeneratorBasedBuilder):
                          num_test=64, description="100 Hz, 128/64/64 (tests)."),
   ]
   DEFAULT_CONFIG_NAME = "100hz"
-
-  def __init__(self, *, file_format: str | None = None, **kwargs: Any):
-    """Like the base builder, but array_record (TF-free) files by default."""
-    super().__init__(file_format=file_format or "array_record", **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     """Features, lead/class order (description and metadata), no homepage."""
