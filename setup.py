@@ -29,6 +29,7 @@ setuptools.setup(
         "absl-py>=2.1.0",
         "tensorboardX>=2.6.2",
         "wfdb>=4.1.2",
+        "h5py>=3.10",  # CODE-15% tracings (exams_part*.hdf5).
         "numpy>=1.26",
         "tqdm>=4.66",
     ],
