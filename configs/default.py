@@ -98,6 +98,17 @@ def get_config(arg=None):
       # manual_dir), e.g. ../shared/data/ptbxl or $PTBXL_DIR.
       manual_dir="" if synthetic else os.environ.get("PTBXL_DIR", ""),
       class_names=("NORM", "MI", "STTC", "CD", "HYP"),  # C = 5 superclasses.
+      sampling_rate=rate,  # Hz of the stored records.
+      # Preprocessing (train and eval) and seeded training augmentations;
+      # all off by default (evl_ecg_jax.data.transforms).
+      transforms=dict(
+          bandpass_hz=(),  # e.g. (0.5, 40.0): zero-phase Butterworth.
+          standardize=False,  # per-lead z-score over time.
+          scale=0.0,  # amplitude x U(1 - scale, 1 + scale).
+          baseline_wander=0.0,  # drift amplitude per lead (signal units).
+          noise_std=0.0,  # Gaussian noise σ.
+          lead_dropout=0.0,  # probability of zeroing each lead.
+      ),
       # Logical split -> TFDS split (PTB-XL: sums of strat_folds).
       splits=_SYNTHETIC_SPLITS if synthetic else _FOLDS[arg.folds],
       batch_size=8 if arg.runlocal else 32,  # global, split over all devices.

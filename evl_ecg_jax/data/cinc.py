@@ -16,7 +16,6 @@ No TFDS here (`builders/cinc2021.py` is a thin layer over it).
 
 from __future__ import annotations
 
-import fractions
 import os
 import re
 
@@ -129,17 +128,6 @@ def read_record(path: str):
   if not np.all(np.isfinite(signal)) or np.any(gain == 0):
     raise BadRecord(f"record {name}: non-finite samples or zero gain.")
   return signal, header.fs, header_fields(header.comments or ())
-
-
-def resample(signal: np.ndarray, fs: float, target: int) -> np.ndarray:
-  """[T, L] at `fs` -> [T·target/fs, L] by polyphase filtering."""
-  if fs == target:
-    return signal
-  import scipy.signal  # pylint: disable=g-import-not-at-top
-  ratio = fractions.Fraction(target) / fractions.Fraction(fs).limit_denominator(
-      1000)
-  return scipy.signal.resample_poly(signal, ratio.numerator, ratio.denominator,
-                                    axis=0).astype(np.float32)
 
 
 def crop_or_pad(signal: np.ndarray, length: int):

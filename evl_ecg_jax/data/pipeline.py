@@ -1,7 +1,8 @@
 """grain input pipelines over TFDS array_record sources.
 
 Training: source -> this process's shard -> seeded shuffle, reshuffled each
-epoch -> infinite repeat -> host-local batches. The iterator is checkpointable
+epoch -> infinite repeat -> preprocessing -> seeded augmentations ->
+host-local batches. The iterator is checkpointable
 (`get_state`/`set_state`), so a resumed run sees the same batches.
 Evaluation: this process's shard in order, final batch padded with a mask.
 """
@@ -15,8 +16,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from evl_ecg_jax.data import builders  # noqa: F401  (registers builders)
+from evl_ecg_jax.data import transforms
 
 FEATURES = ("ecg", "labels", "id")
+PREFETCH_BATCHES = 4  # batches read ahead by the training iterator
 
 
 def _path(path: str) -> str | None:
@@ -74,19 +77,39 @@ def host_batch_size(global_batch: int, process_count: int) -> int:
   return global_batch // process_count
 
 
+def _preprocessed(ds, data_cfg):
+  """Maps the deterministic preprocessing of `data_cfg.transforms`, if any."""
+  cfg = data_cfg.transforms
+  if not (cfg.bandpass_hz or cfg.standardize):
+    return ds
+  fn = transforms.make_preprocess(cfg, data_cfg.sampling_rate)
+  return ds.map(lambda ex: dict(ex, ecg=fn(ex["ecg"])))
+
+
 def train_iterator(data_cfg, *, process_index=0, process_count=1,
                    read_threads=None):
-  """Infinite, checkpointable iterator of host-local training batches."""
+  """Infinite, checkpointable iterator of host-local training batches.
+
+  Augmentations draw from a generator seeded by `shuffle_seed` and the
+  example's position in the stream, so a restored iterator repeats them.
+  """
   batch = host_batch_size(data_cfg.batch_size, process_count)
-  ds = (grain.MapDataset.source(source(data_cfg, "train"))
-        [process_index::process_count]
-        .shuffle(seed=data_cfg.shuffle_seed)
-        .repeat()
-        .map(_select)
-        .batch(batch, drop_remainder=True))
+  ds = _preprocessed(
+      grain.MapDataset.source(source(data_cfg, "train"))
+      [process_index::process_count]
+      .shuffle(seed=data_cfg.shuffle_seed)
+      .repeat()
+      .map(_select), data_cfg)
+  cfg = data_cfg.transforms
+  if cfg.scale or cfg.baseline_wander or cfg.noise_std or cfg.lead_dropout:
+    augment = transforms.make_augment(cfg, data_cfg.sampling_rate)
+    ds = ds.random_map(lambda ex, rng: dict(ex, ecg=augment(ex["ecg"], rng)),
+                       seed=data_cfg.shuffle_seed)
+  ds = ds.batch(batch, drop_remainder=True)
   threads = data_cfg.prefetch_threads if read_threads is None else read_threads
+  # The buffer counts elements of this dataset, i.e. whole batches.
   options = grain.ReadOptions(num_threads=threads,
-                              prefetch_buffer_size=2 * batch)
+                              prefetch_buffer_size=PREFETCH_BATCHES)
   return iter(ds.to_iter_dataset(options))
 
 
@@ -103,7 +126,8 @@ def _pad(batch, size: int):
 def eval_batches(data_cfg, split: str, *, process_index=0, process_count=1):
   """Yields every example of this process's shard once, in padded batches."""
   batch = host_batch_size(data_cfg.eval_batch_size, process_count)
-  ds = (grain.MapDataset.source(source(data_cfg, split))
-        [process_index::process_count].map(_select).batch(batch))
+  ds = _preprocessed(grain.MapDataset.source(source(data_cfg, split))
+                    [process_index::process_count].map(_select),
+                    data_cfg).batch(batch)
   for b in ds:
     yield _pad(b, batch)

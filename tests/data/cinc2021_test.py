@@ -15,6 +15,7 @@ import tensorflow_datasets as tfds
 
 from conftest import REPO
 from evl_ecg_jax.data import cinc
+from evl_ecg_jax.data import transforms
 from evl_ecg_jax.data.builders import cinc2021
 
 ROOT = os.path.join(os.path.dirname(REPO), "shared", "data", "cinc")
@@ -95,7 +96,7 @@ def test_source_database_from_the_record_prefix():
 def test_resampling_keeps_frequency_and_crop_pad_keeps_length():
   t = np.arange(3000) / 1000.0
   x = np.sin(2 * np.pi * 5 * t)[:, None].repeat(12, 1).astype(np.float32)
-  y = cinc.resample(x, 1000, 500)
+  y = transforms.resample(x, 1000, 500)
   assert y.shape == (1500, 12)
   np.testing.assert_allclose(y[100:-100, 0],
                              np.sin(2 * np.pi * 5 * np.arange(1500) / 500)

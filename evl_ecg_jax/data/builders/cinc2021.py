@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from evl_ecg_jax.data import cinc
+from evl_ecg_jax.data import transforms
 from evl_ecg_jax.data.builders import _base
 
 
@@ -129,7 +130,7 @@ class Cinc2021(_base.ArrayRecordBuilder):
         self.skip_or_raise(e, counts)
         continue
       ecg, valid = cinc.crop_or_pad(
-          cinc.resample(signal, fs, cfg.sampling_rate),
+          transforms.resample(signal, fs, cfg.sampling_rate),
           cfg.duration_s * cfg.sampling_rate)
       labels = cinc.scored_labels(fields.get("Dx", ""))
       counts["examples"] += 1
