@@ -115,6 +115,7 @@ def get_config(arg=None):
       eval_batch_size=16 if arg.runlocal else 256,
       shuffle_seed=0,
       prefetch_threads=2,
+      worker_processes=0,  # >0: grain worker processes (mp_prefetch).
   )
 
   config.teacher = dict(

@@ -90,6 +90,9 @@ def train_iterator(data_cfg, *, process_index=0, process_count=1,
                    read_threads=None):
   """Infinite, checkpointable iterator of host-local training batches.
 
+  Reads with `prefetch_threads` threads, and with `worker_processes` > 0
+  in that many grain worker processes (same stream, same state).
+
   Augmentations draw from a generator seeded by `shuffle_seed` and the
   example's position in the stream, so a restored iterator repeats them.
   """
@@ -110,7 +113,11 @@ def train_iterator(data_cfg, *, process_index=0, process_count=1,
   # The buffer counts elements of this dataset, i.e. whole batches.
   options = grain.ReadOptions(num_threads=threads,
                               prefetch_buffer_size=PREFETCH_BATCHES)
-  return iter(ds.to_iter_dataset(options))
+  ds = ds.to_iter_dataset(options)
+  if data_cfg.worker_processes:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=data_cfg.worker_processes))
+  return iter(ds)
 
 
 def _pad(batch, size: int):
