@@ -104,6 +104,7 @@ def get_config(arg=None):
       transforms=dict(
           bandpass_hz=(),  # e.g. (0.5, 40.0): zero-phase Butterworth.
           standardize=False,  # per-lead z-score over time.
+          resample_hz=0,  # 0: keep sampling_rate; else the models' rate.
           scale=0.0,  # amplitude x U(1 - scale, 1 + scale).
           baseline_wander=0.0,  # drift amplitude per lead (signal units).
           noise_std=0.0,  # Gaussian noise σ.

@@ -80,7 +80,7 @@ def host_batch_size(global_batch: int, process_count: int) -> int:
 def _preprocessed(ds, data_cfg):
   """Maps the deterministic preprocessing of `data_cfg.transforms`, if any."""
   cfg = data_cfg.transforms
-  if not (cfg.bandpass_hz or cfg.standardize):
+  if not (cfg.bandpass_hz or cfg.standardize or cfg.resample_hz):
     return ds
   fn = transforms.make_preprocess(cfg, data_cfg.sampling_rate)
   return ds.map(lambda ex: dict(ex, ecg=fn(ex["ecg"])))

@@ -82,12 +82,18 @@ def lead_dropout(x: np.ndarray, p: float, rng):
 
 
 def make_preprocess(aug_cfg, fs: float):
-  """ecg -> ecg: band-pass (if `bandpass_hz`), then per-lead standardize."""
+  """ecg -> ecg: band-pass (if `bandpass_hz`), standardize, resample.
+
+  Band-pass runs at the stored rate `fs`; `resample_hz` (0: keep) is the
+  rate the model sees, so its patching must be set for that rate.
+  """
   def preprocess(ecg):
     if aug_cfg.bandpass_hz:
       ecg = bandpass(ecg, fs, *aug_cfg.bandpass_hz)
     if aug_cfg.standardize:
       ecg = standardize(ecg)
+    if aug_cfg.resample_hz:
+      ecg = resample(ecg, fs, aug_cfg.resample_hz)
     return ecg
   return preprocess
 

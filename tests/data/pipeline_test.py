@@ -17,8 +17,8 @@ def _cfg(tfds_dir, batch_size=8, seed=0):
       splits=dict(train="train"), batch_size=batch_size, shuffle_seed=seed,
       prefetch_threads=2, worker_processes=0, sampling_rate=100,
       transforms=dict(
-          bandpass_hz=(), standardize=False, scale=0.0, baseline_wander=0.0,
-          noise_std=0.0, lead_dropout=0.0)))
+          bandpass_hz=(), standardize=False, resample_hz=0, scale=0.0,
+          baseline_wander=0.0, noise_std=0.0, lead_dropout=0.0)))
 
 
 def _ids(iterator, n):
@@ -106,3 +106,13 @@ def test_worker_processes_give_the_same_resumable_stream(tfds_dir):
     np.testing.assert_array_equal(got, want)
   for want, got in zip(rest, again):
     np.testing.assert_array_equal(got, want)
+
+
+def test_resample_transform_changes_the_rate_of_train_and_eval(tfds_dir):
+  cfg = _cfg(tfds_dir)
+  cfg.transforms.resample_hz = 50
+  assert next(pipeline.train_iterator(cfg))["ecg"].shape == (8, 500, 12)
+  cfg.eval_batch_size = 16
+  cfg.splits.test = "test"
+  batch = next(pipeline.eval_batches(cfg, "test"))
+  assert batch["ecg"].shape == (16, 500, 12)

@@ -225,3 +225,15 @@ def test_config_runs_on_the_shared_subset_and_names_missing_folds(tmp_path):
                      "folds=shared"):
     loop.fit(config, str(tmp_path / "standard"))
   assert not (tmp_path / "standard").exists()
+
+
+def test_nan_samples_are_named(tmp_path):
+  root, rows, _ = _copy_subset(tmp_path, n=1)
+  dat = root / (rows[0]["filename_lr"] + ".dat")
+  data = bytearray(dat.read_bytes())
+  data[200:202] = (-32768).to_bytes(2, "little", signed=True)  # WFDB: invalid
+  dat.write_bytes(bytes(data))
+  with pytest.raises(ptbxl.BadRecord,
+                     match=f"ecg_id {rows[0]['ecg_id']}: .*NaN"):
+    ptbxl.read_signal(str(root / rows[0]["filename_lr"]), 100,
+                      rows[0]["ecg_id"])
