@@ -5,9 +5,9 @@ measures on the valid teacher and student tokens (EVL-ECG, OT matching).
 
 The plan comes from `ott.solvers.linear.sinkhorn.Sinkhorn`. Its gradient is
 ours: ott-jax 0.6's `ImplicitDiff` raises "linear solver returned non-finite
-output" on many inputs and its unrolled mode (`implicit_diff=None`) gave
-gradients off by > 10 % on 35 of 40 random problems (measured, see the
-README). Here the implicit function theorem is applied to Sinkhorn's
+output" on many inputs and its unrolled mode (`implicit_diff=None`, 300
+iterations) gave gradients off by > 0.1 % on 35 of 40 random problems,
+median relative error 0.93 (measured, see the README). Here the implicit function theorem is applied to Sinkhorn's
 first-order conditions and the (M+N)-dimensional adjoint system is reduced by
 a Schur complement to a dense min(N, M)-sized symmetric system, solved with an
 eigendecomposition pseudo-inverse (the system has the constant vector as its
