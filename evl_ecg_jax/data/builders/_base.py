@@ -1,11 +1,34 @@
-"""What our TFDS builders share: TF-free files and the bad-record policy."""
+"""What our TFDS builders share: TF-free files, the ECG record schema and the
+bad-record policy."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from absl import logging
+import numpy as np
 import tensorflow_datasets as tfds
+
+
+def int_feature():
+  """A scalar int64 feature."""
+  return tfds.features.Tensor(shape=(), dtype=np.int64)
+
+
+def ecg_features(samples: int, num_classes: int | None, **extra):
+  """The record schema every ECG builder shares, plus builder-specific fields.
+
+  `ecg` f32 [samples, 12], multi-hot `labels` f32 [num_classes] (None: set by
+  the build), `id` int64 (what `pipeline.FEATURES` reads), `age` f32 (NaN if
+  unknown) and `sex` int64 (0 male, 1 female, -1 unknown).
+  """
+  return tfds.features.FeaturesDict({
+      "ecg": tfds.features.Tensor(shape=(samples, 12), dtype=np.float32),
+      "labels": tfds.features.Tensor(shape=(num_classes,), dtype=np.float32),
+      "id": int_feature(),
+      "age": tfds.features.Tensor(shape=(), dtype=np.float32),
+      "sex": int_feature(),
+      **extra})
 
 
 class ArrayRecordBuilder(tfds.core.GeneratorBasedBuilder):

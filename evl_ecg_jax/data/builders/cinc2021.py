@@ -21,7 +21,6 @@ import dataclasses
 import os
 from typing import Any, Iterator
 
-import numpy as np
 import tensorflow_datasets as tfds
 
 from evl_ecg_jax.data import cinc
@@ -71,18 +70,9 @@ class Cinc2021(_base.ArrayRecordBuilder):
         description=("PhysioNet/CinC Challenge 2020-21 12-lead ECGs, "
                      f"resampled to {cfg.sampling_rate} Hz, first "
                      f"{cfg.duration_s} s (zero-padded), 26 scored classes."),
-        features=tfds.features.FeaturesDict({
-            "ecg": tfds.features.Tensor(
-                shape=(cfg.duration_s * cfg.sampling_rate, 12),
-                dtype=np.float32),
-            "labels": tfds.features.Tensor(shape=(len(cinc.CLASS_NAMES),),
-                                           dtype=np.float32),
-            "id": tfds.features.Tensor(shape=(), dtype=np.int64),
-            "record": tfds.features.Text(),
-            "valid_length": tfds.features.Tensor(shape=(), dtype=np.int64),
-            "age": tfds.features.Tensor(shape=(), dtype=np.float32),
-            "sex": tfds.features.Tensor(shape=(), dtype=np.int64),
-        }),
+        features=_base.ecg_features(
+            cfg.duration_s * cfg.sampling_rate, len(cinc.CLASS_NAMES),
+            record=tfds.features.Text(), valid_length=_base.int_feature()),
         supervised_keys=("ecg", "labels"),
         homepage="https://physionet.org/content/challenge-2021/",
         metadata=tfds.core.MetadataDict(

@@ -47,16 +47,8 @@ class Code15(_base.ArrayRecordBuilder):
     return self.dataset_info_from_configs(
         description=("CODE-15% 12-lead ECGs at 400 Hz (4096 samples), "
                      f"labels {', '.join(code15.CLASSES)}."),
-        features=tfds.features.FeaturesDict({
-            "ecg": tfds.features.Tensor(shape=(code15.SAMPLES, 12),
-                                        dtype=np.float32),
-            "labels": tfds.features.Tensor(shape=(len(code15.CLASSES),),
-                                           dtype=np.float32),
-            "id": tfds.features.Tensor(shape=(), dtype=np.int64),
-            "patient_id": tfds.features.Tensor(shape=(), dtype=np.int64),
-            "age": tfds.features.Tensor(shape=(), dtype=np.float32),
-            "sex": tfds.features.Tensor(shape=(), dtype=np.int64),
-        }),
+        features=_base.ecg_features(code15.SAMPLES, len(code15.CLASSES),
+                                    patient_id=_base.int_feature()),
         supervised_keys=("ecg", "labels"),
         homepage="https://doi.org/10.5281/zenodo.4916206",
         metadata=tfds.core.MetadataDict(

@@ -26,7 +26,6 @@ import dataclasses
 from typing import Any, Iterator
 
 from absl import logging
-import numpy as np
 import tensorflow_datasets as tfds
 
 from evl_ecg_jax.data import ptbxl
@@ -66,17 +65,9 @@ class Ptbxl(_base.ArrayRecordBuilder):
         description=("PTB-XL 12-lead ECGs (10 s), leads "
                      f"{', '.join(ptbxl.LEADS)}, {cfg.label_set} labels "
                      "aggregated as in the PTB-XL benchmark."),
-        features=tfds.features.FeaturesDict({
-            "ecg": tfds.features.Tensor(
-                shape=(ptbxl.DURATION_S * cfg.sampling_rate, 12),
-                dtype=np.float32),
-            "labels": tfds.features.Tensor(shape=(None,), dtype=np.float32),
-            "id": tfds.features.Tensor(shape=(), dtype=np.int64),
-            "patient_id": tfds.features.Tensor(shape=(), dtype=np.int64),
-            "age": tfds.features.Tensor(shape=(), dtype=np.float32),
-            "sex": tfds.features.Tensor(shape=(), dtype=np.int64),
-            "report": tfds.features.Text(),
-        }),
+        features=_base.ecg_features(
+            ptbxl.DURATION_S * cfg.sampling_rate, None,
+            patient_id=_base.int_feature(), report=tfds.features.Text()),
         supervised_keys=("ecg", "labels"),
         homepage="https://physionet.org/content/ptb-xl/",
         metadata=tfds.core.MetadataDict(
