@@ -79,10 +79,9 @@ def host_batch_size(global_batch: int, process_count: int) -> int:
 
 def _preprocessed(ds, data_cfg):
   """Maps the deterministic preprocessing of `data_cfg.transforms`, if any."""
-  cfg = data_cfg.transforms
-  if not (cfg.bandpass_hz or cfg.standardize or cfg.resample_hz):
+  fn = transforms.make_preprocess(data_cfg.transforms, data_cfg.sampling_rate)
+  if fn is None:
     return ds
-  fn = transforms.make_preprocess(cfg, data_cfg.sampling_rate)
   return ds.map(lambda ex: dict(ex, ecg=fn(ex["ecg"])))
 
 
@@ -103,9 +102,9 @@ def train_iterator(data_cfg, *, process_index=0, process_count=1,
       .shuffle(seed=data_cfg.shuffle_seed)
       .repeat()
       .map(_select), data_cfg)
-  cfg = data_cfg.transforms
-  if cfg.scale or cfg.baseline_wander or cfg.noise_std or cfg.lead_dropout:
-    augment = transforms.make_augment(cfg, data_cfg.sampling_rate)
+  augment = transforms.make_augment(data_cfg.transforms,
+                                    data_cfg.sampling_rate)
+  if augment is not None:
     ds = ds.random_map(lambda ex, rng: dict(ex, ecg=augment(ex["ecg"], rng)),
                        seed=data_cfg.shuffle_seed)
   ds = ds.batch(batch, drop_remainder=True)

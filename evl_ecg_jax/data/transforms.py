@@ -86,7 +86,11 @@ def make_preprocess(aug_cfg, fs: float):
 
   Band-pass runs at the stored rate `fs`; `resample_hz` (0: keep) is the
   rate the model sees, so its patching must be set for that rate.
+  Returns None when no preprocessing is switched on.
   """
+  if not (aug_cfg.bandpass_hz or aug_cfg.standardize or aug_cfg.resample_hz):
+    return None
+
   def preprocess(ecg):
     if aug_cfg.bandpass_hz:
       ecg = bandpass(ecg, fs, *aug_cfg.bandpass_hz)
@@ -99,7 +103,14 @@ def make_preprocess(aug_cfg, fs: float):
 
 
 def make_augment(aug_cfg, fs: float):
-  """(ecg, rng) -> ecg with the augmentations whose setting is non-zero."""
+  """(ecg, rng) -> ecg with the augmentations whose setting is non-zero.
+
+  Returns None when every augmentation is off.
+  """
+  if not (aug_cfg.scale or aug_cfg.baseline_wander or aug_cfg.noise_std
+          or aug_cfg.lead_dropout):
+    return None
+
   def augment(ecg, rng):
     if aug_cfg.scale:
       ecg = amplitude_scale(ecg, 1.0 - aug_cfg.scale, 1.0 + aug_cfg.scale,
