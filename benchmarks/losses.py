@@ -47,12 +47,13 @@ def _objective_case(weights, heads, qkv, h_s, h_t, **ot_kwargs):
                                     mhca_qkv_features=qkv,
                                     **dict(OT, **ot_kwargs), **weights)
   params = objective.heads.init(jax.random.PRNGKey(0), h_s, h_t)["params"]
-  weights = dict(objective.weights, mhca_reconstruction=1.0)
 
   def loss(params, h_s, h_t):
     terms = objective.distill_terms(params, (None, {"tokens": h_s}),
                                     (None, {"tokens": h_t}))
-    return sum(weights[k] * v for k, v in terms.items())
+    # α = 1: the task term drops out of Eq. 9.
+    return losses.evl_loss(0.0, terms, alpha=1.0,
+                           weights=objective.term_weights)
 
   fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
   return functools.partial(fn, params, h_s, h_t)

@@ -101,6 +101,12 @@ class Objective:
   mhca_reconstruction_weight: float = 1.0
   ot_kwargs: dict = dataclasses.field(default_factory=dict)
 
+  @property
+  def term_weights(self) -> dict:
+    """λ of every distillation term, the aligner's guard (γ) included."""
+    return dict(self.weights,
+                mhca_reconstruction=self.mhca_reconstruction_weight)
+
   def distill_terms(self, head_params, student_out, teacher_out):
     """Unweighted distillation terms {name: scalar}."""
     (s_logits, s_feats), (t_logits, t_feats) = student_out, teacher_out
@@ -130,9 +136,8 @@ class Objective:
     distill = {}
     if self.alpha > 0:
       distill = self.distill_terms(head_params, student_out, teacher_out)
-    weights = dict(self.weights,
-                   mhca_reconstruction=self.mhca_reconstruction_weight)
-    total = evl_loss(ce, distill, alpha=self.alpha, weights=weights)
+    total = evl_loss(ce, distill, alpha=self.alpha,
+                     weights=self.term_weights)
     return total, {"ce": ce, **distill}
 
 
