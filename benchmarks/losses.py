@@ -46,7 +46,8 @@ def _objective_case(weights, heads, qkv, h_s, h_t, **ot_kwargs):
   objective = losses.make_objective(alpha=1.0, mhca_heads=heads,
                                     mhca_qkv_features=qkv,
                                     **dict(OT, **ot_kwargs), **weights)
-  params = objective.heads.init(jax.random.PRNGKey(0), h_s, h_t)["params"]
+  params = objective.init_heads(jax.random.PRNGKey(0), {"tokens": h_s},
+                                {"tokens": h_t})
 
   def loss(params, h_s, h_t):
     terms = objective.distill_terms(params, (None, {"tokens": h_s}),

@@ -52,7 +52,7 @@ def _case(config, trained, teacher_block):
   teacher = teacher_params = None
   if teacher_block:
     teacher = models.get(config[teacher_block], 5)
-    teacher_params = teacher.init(jax.random.PRNGKey(1), x)["params"]
+    teacher_params = models.init_params(teacher, jax.random.PRNGKey(1), x)
   objective = losses.make_objective(**dict(
       config.loss, alpha=config.loss.alpha if teacher else 0.0))
   tx = optim.make(config.optim, 1000)

@@ -6,7 +6,11 @@ r"""EVL-ECG runs: teacher training, student distillation and evaluation.
       --config.teacher.init=workdir/teacher --workdir=workdir/student_kd
 
 Variants (`arg`, comma separated): mode=train_teacher|distill|evaluate,
-size=tiny|small, loss=ce|kd|evl|evl_no_mhca|evl_no_rel|evl_no_ot,
+size=tiny|small|base|large|2b|7b (both models; teacher_size= / student_size=
+set one), teacher=vit1d and model=cnn1d|xresnet1d|convnext1d|vit1d (the
+model families), teacher_leads= / student_leads=all|limb|precordial|I+II|I
+(leads each model reads; e.g. a lead-I wearable student of a 12-lead
+teacher), loss=ce|kd|evl|evl_no_mhca|evl_no_rel|evl_no_ot,
 data=synthetic|synthetic500|synthetic_tiny|ptbxl|ptbxl500,
 folds=standard|shared (PTB-XL: train 1-8/val 9/test 10, or 1-7/8/9 for the
 shared subset), runlocal (a few steps on tiny data, for smoke tests).
@@ -22,22 +26,15 @@ import os
 import ml_collections
 
 from evl_ecg_jax import config as config_lib
+from evl_ecg_jax.models import presets
 
-# Teacher: 1-D ViT over (all 12 leads, 40 ms) patches behind a conv stem
-# -> 250 tokens at 100 Hz.
-_TEACHER = {
-    # head_dim 32: XLA:CPU runs batched matmuls of head_dim 16 ~3x slower.
-    "tiny": dict(width=64, depth=3, num_heads=2, mlp_dim=128,
-                 stem_features=32, dropout=0.0),
-    "small": dict(width=192, depth=6, num_heads=6, mlp_dim=768,
-                  stem_features=64, dropout=0.1),
-}
-# Student: 1-D CNN, total stride 16 -> 63 tokens at 100 Hz; "tiny" is an
-# edge-sized student (~15k parameters, ~10x fewer than the tiny teacher).
-_STUDENT = {
-    "tiny": dict(widths=(8, 16, 24, 32), blocks_per_stage=1),
-    "small": dict(widths=(32, 64, 96, 128), blocks_per_stage=2),
-}
+# Model sizes: evl_ecg_jax/models/presets.py (tiny|small|base|large for every
+# family, 2b|7b for vit1d). Tokens per 10-s ECG: the teacher ~256 (the
+# paper's visual tokens), the student ~64.
+_TOKENS = {"teacher": 256, "student": 64}
+# Param f32 / compute dtype per preset; the frozen teacher's params are cast
+# to bfloat16 from "base" up.
+_BF16_TEACHER = ("base", "large", "2b", "7b")
 _DATA = {  # variant -> (TFDS name, sampling rate)
     "synthetic": ("synthetic_ecg/100hz", 100),
     "synthetic500": ("synthetic_ecg/500hz", 500),
@@ -76,8 +73,11 @@ _STEPS = {"train_teacher": 400, "distill": 300, "evaluate": 1}
 
 def get_config(arg=None):
   """Returns the run config for the variants in `arg`."""
-  arg = config_lib.parse_arg(arg, mode="distill", size="tiny", loss="kd",
-                             data="synthetic", folds="standard",
+  arg = config_lib.parse_arg(arg, mode="distill", size="tiny",
+                             teacher_size="", student_size="",
+                             teacher="vit1d", model="cnn1d",
+                             teacher_leads="all", student_leads="all",
+                             loss="kd", data="synthetic", folds="standard",
                              runlocal=False)
   for variant, known in (("data", _DATA), ("folds", _FOLDS)):
     if arg[variant] not in known:
@@ -119,14 +119,40 @@ def get_config(arg=None):
       worker_processes=0,  # >0: grain worker processes (mp_prefetch).
   )
 
+  samples = 10 * rate  # 10-s records.
+
+  def model_block(role, family, size, leads):
+    try:
+      fields = presets.model_config(family, size, samples=samples,
+                                    tokens=_TOKENS[role])
+    except ValueError as e:
+      raise config_lib.ConfigError(f"Config variant for the {role}: {e}")
+    # Dropout 0.1, but none for the tiny teacher (it underfits with it).
+    dropout = 0.0 if role == "teacher" and size == "tiny" else 0.1
+    return dict(fields, leads=leads, dropout=dropout)
+
+  teacher_size = arg.teacher_size or arg.size
   config.teacher = dict(
-      name="vit1d",
       init="",  # workdir of the train_teacher run; read in distill mode.
-      patch_size=rate // 25,  # samples per token (40 ms).
-      lead_groups=1,  # leads split into this many token groups.
-      **_TEACHER[arg.size],
+      # Dtype of the frozen teacher's params in distillation (cast on load).
+      frozen_param_dtype=("bfloat16" if teacher_size in _BF16_TEACHER
+                          else "float32"),
+      **model_block("teacher", arg.teacher, teacher_size, arg.teacher_leads))
+  config.student = model_block("student", arg.model,
+                               arg.student_size or arg.size,
+                               arg.student_leads)
+
+  # Logical axis -> mesh axis (models/layers.py names the axes); used when
+  # params and activations are sharded over a `data x fsdp x tensor` mesh.
+  # A mesh axis of size -1 takes the remaining devices.
+  config.sharding = dict(
+      mesh_axes=("data", "fsdp", "tensor"),
+      mesh_shape=(-1, 1, 1),
+      rules=(("batch", ("data", "fsdp")), ("length", None),
+             ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
+             ("kv", None), ("channels_in", "fsdp"), ("channels", "tensor"),
+             ("conv_window", None), ("classes", None), ("norm", None)),
   )
-  config.student = dict(name="cnn1d", dropout=0.1, **_STUDENT[arg.size])
 
   # L = (1 − α)·L_CE + α·(λ_kd·L_kd + λ_m·L_mhca + λ_r·L_rel + λ_ot·L_ot)
   # (EVL-ECG Eq. 9; λ_kd = 0 in EVL, the logit-KD baseline uses only it).
@@ -138,7 +164,10 @@ def get_config(arg=None):
   config.loss = dict(
       alpha=0.0 if arg.loss == "ce" else 0.5,  # α: weight of distillation.
       kd_temperature=2.0,  # T of the logit-KD term.
-      features="tokens",  # model output read by MHCA, relation and OT.
+      # Feature taps read by the terms (models.tap_names lists a model's):
+      # hidden states for MHCA and relation, visual tokens for OT.
+      student_hidden_tap="tokens", teacher_hidden_tap="tokens",
+      student_ot_tap="tokens", teacher_ot_tap="tokens",
       mhca_heads=2,  # heads of the MHCA aligner (W^Q, W^K, W^V, W^O).
       mhca_qkv_features=0,  # 0: the student width.
       mhca_reconstruction_weight=1.0,  # γ: the aligner's anti-collapse term.

@@ -1,4 +1,4 @@
-"""Runs the per-device steps data-parallel; owns the batch layout.
+"""Runs the per-device steps data-parallel; owns the batch and param layout.
 
 `pmap_*` wrap a per-device function with `jax.pmap` over the local devices:
 state and params are broadcast (`in_axes=None`, as flax's imagenet example
@@ -7,10 +7,16 @@ axis reshaped to [n_devices, b, ...].
 `shard_map_train_step` runs the same function under `jit` + `jax.shard_map`
 on a mesh whose batch axis is also "data"; there the batch stays
 [n_devices * b, ...], sharded on its leading axis.
+`make_mesh` / `param_shardings` place params on a `data x fsdp x tensor`
+mesh from the models' logical axis names and `config.sharding.rules`.
 """
 
 from __future__ import annotations
 
+import math
+
+from absl import logging
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -73,3 +79,61 @@ def merge_outputs(x):
   """Inverse of `split_batch` for per-device outputs: [n, b, ...] -> [n*b, ...]."""
   x = np.asarray(x)
   return x.reshape((-1,) + x.shape[2:])
+
+
+def make_mesh(axes, shape, devices=None) -> jax.sharding.Mesh:
+  """Mesh with `axes` (e.g. data, fsdp, tensor) of `shape`; -1 = the rest.
+
+  Axes are `AxisType.Auto`: ott-jax's vmapped Sinkhorn does not lower on
+  sharded batches with Explicit axes.
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  shape = list(shape)
+  fixed = math.prod(n for n in shape if n != -1)
+  if shape.count(-1) > 1 or len(devices) % fixed:
+    raise ValueError(f"config.sharding.mesh_shape={tuple(shape)}: expected "
+                     f"at most one -1 and sizes whose product divides the "
+                     f"{len(devices)} devices.")
+  shape = [len(devices) // fixed if n == -1 else n for n in shape]
+  if math.prod(shape) != len(devices):
+    raise ValueError(f"config.sharding.mesh_shape={tuple(shape)} uses "
+                     f"{math.prod(shape)} of the {len(devices)} devices.")
+  return jax.make_mesh(tuple(shape), tuple(axes), devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
+
+
+def param_shardings(abstract_variables, mesh, rules):
+  """NamedShardings for a tree from `jax.eval_shape(model.init, ...)`.
+
+  Logical axis names (models/layers.py) map to mesh axes by `rules`; a
+  dimension that its mesh axes do not divide (a 5-class head, a depthwise
+  kernel's single input channel) stays unsharded, and is logged.
+
+  Returns:
+    (the unboxed tree of NamedSharding, [(path, logical spec)] left
+    unsharded on some dimension).
+  """
+  specs = nn.logical_to_mesh(nn.get_partition_spec(abstract_variables),
+                             rules)
+  shapes = nn.meta.unbox(abstract_variables)
+  fallbacks = []
+
+  def fit(path, spec, shape):
+    spec = tuple(spec) + (None,) * (len(shape.shape) - len(spec))
+    out = []
+    for dim, axes in zip(shape.shape, spec):
+      names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      ways = math.prod(mesh.shape[a] for a in names)
+      if names and dim % ways:
+        fallbacks.append((jax.tree_util.keystr(path), spec))
+        axes = None
+      out.append(axes)
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*out))
+
+  is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
+  shardings = jax.tree_util.tree_map_with_path(fit, specs, shapes,
+                                               is_leaf=is_spec)
+  if fallbacks:
+    logging.info("%d params left unsharded on a dimension their mesh axes "
+                 "do not divide: %s", len(fallbacks), fallbacks)
+  return shardings, fallbacks

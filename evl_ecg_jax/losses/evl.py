@@ -7,7 +7,10 @@ the vanilla-KD baseline of the same objective. A term whose weight is 0 is
 neither computed nor logged (that is how ablations switch terms off).
 
 Feature conventions (teacher frozen, its features under stop_gradient):
-- MHCA / relation read `features` (default "tokens") of both models. The
+- Each term reads a named hidden state ("feature tap", `models.layers.Taps`)
+  of each model: MHCA / relation the hidden states `taps["student_hidden"]`
+  / `taps["teacher_hidden"]`, OT the visual tokens `taps["student_ot"]` /
+  `taps["teacher_ot"]` (all "tokens", the last layer, by default). The
   aligner gives Ĥ_t = MHCA(H_s, H_t) at the student's length and width;
   L_mhca = mhca_loss(H_s, sg(Ĥ_t)), L_rel = relation_loss(sg(Ĥ_t), H_s). The
   aligner itself learns only from the reconstruction guard
@@ -40,8 +43,10 @@ from evl_ecg_jax.losses import task
 class EVLHeads(nn.Module):
   """Learned heads of the feature losses, trained with the student.
 
-  Returns {"aligned", "reconstruction"} (MHCA aligner) and/or
-  {"ot_student"} (student tokens projected to the teacher width).
+  Takes the student/teacher hidden states (MHCA, relation) and visual
+  tokens (OT); inputs of a head that is off may be None. Returns
+  {"aligned", "reconstruction"} (MHCA aligner) and/or {"ot_student"}
+  (student visual tokens projected to the teacher width).
   """
   aligner: bool
   ot_projection: bool
@@ -49,16 +54,20 @@ class EVLHeads(nn.Module):
   mhca_qkv_features: Optional[int] = None
 
   @nn.compact
-  def __call__(self, student_tokens, teacher_tokens):
+  def __call__(self, hidden_s, hidden_t, visual_s, visual_t):
     out = {}
     if self.aligner:
       out["aligned"], out["reconstruction"] = mhca.MHCAAligner(
           self.mhca_heads, self.mhca_qkv_features, name="aligner")(
-              student_tokens, teacher_tokens)
+              hidden_s, hidden_t)
     if self.ot_projection:
-      out["ot_student"] = nn.Dense(teacher_tokens.shape[-1],
-                                   name="ot_projection")(student_tokens)
+      out["ot_student"] = nn.Dense(visual_t.shape[-1],
+                                   name="ot_projection")(visual_s)
     return out
+
+
+_DEFAULT_TAPS = (("student_hidden", "tokens"), ("teacher_hidden", "tokens"),
+                 ("student_ot", "tokens"), ("teacher_ot", "tokens"))
 
 
 def evl_loss(task_loss, distill_terms, *, alpha, weights):
@@ -96,7 +105,8 @@ class Objective:
   alpha: float
   weights: dict  # term name -> λ (only non-zero ones).
   heads: Optional[EVLHeads]
-  features: str = "tokens"
+  # Feature tap read by each term: {student,teacher}_{hidden,ot} -> tap name.
+  taps: dict = dataclasses.field(default_factory=lambda: dict(_DEFAULT_TAPS))
   kd_temperature: float = 1.0
   mhca_reconstruction_weight: float = 1.0
   ot_kwargs: dict = dataclasses.field(default_factory=dict)
@@ -107,14 +117,38 @@ class Objective:
     return dict(self.weights,
                 mhca_reconstruction=self.mhca_reconstruction_weight)
 
+  def model_taps(self, role: str) -> tuple[str, ...]:
+    """Feature taps this objective reads from `role` ("student"/"teacher")."""
+    used = []
+    if self.heads is not None and self.heads.aligner:
+      used.append(self.taps[f"{role}_hidden"])
+    if self.heads is not None and self.heads.ot_projection:
+      used.append(self.taps[f"{role}_ot"])
+    return tuple(dict.fromkeys(used))
+
+  def _head_inputs(self, s_feats, t_feats):
+    """(H_s, H_t, V_s, V_t): hidden states and visual tokens (None if off)."""
+    pick = lambda feats, key, on: feats[self.taps[key]] if on else None
+    aligner, ot_on = self.heads.aligner, self.heads.ot_projection
+    return (pick(s_feats, "student_hidden", aligner),
+            pick(t_feats, "teacher_hidden", aligner),
+            pick(s_feats, "student_ot", ot_on), pick(t_feats, "teacher_ot", ot_on))
+
+  def init_heads(self, rng, student_feats, teacher_feats):
+    """Params of the learned heads (None without heads), from feature shapes."""
+    if self.heads is None:
+      return None
+    return self.heads.init(rng, *self._head_inputs(
+        student_feats, teacher_feats))["params"]
+
   def distill_terms(self, head_params, student_out, teacher_out):
     """Unweighted distillation terms {name: scalar}."""
     (s_logits, s_feats), (t_logits, t_feats) = student_out, teacher_out
     t_logits, t_feats = jax.lax.stop_gradient((t_logits, t_feats))
     terms, head = {}, {}
     if self.heads is not None:
-      h_s, h_t = s_feats[self.features], t_feats[self.features]
-      head = self.heads.apply({"params": head_params}, h_s, h_t)
+      h_s, h_t, v_s, v_t = self._head_inputs(s_feats, t_feats)
+      head = self.heads.apply({"params": head_params}, h_s, h_t, v_s, v_t)
     if "kd" in self.weights:
       terms["kd"] = kd.logit_kd_loss(t_logits, s_logits,
                                      temperature=self.kd_temperature)
@@ -127,7 +161,7 @@ class Objective:
       if "relation" in self.weights:
         terms["relation"] = relation.relation_loss(aligned, h_s)
     if "ot" in self.weights:
-      terms["ot"] = ot.ot_loss(unit_tokens(h_t), unit_tokens(head["ot_student"]),
+      terms["ot"] = ot.ot_loss(unit_tokens(v_t), unit_tokens(head["ot_student"]),
                                **self.ot_kwargs)
     return terms
 
@@ -144,7 +178,10 @@ class Objective:
 def make_objective(*, alpha: float, kd_weight: float = 0.0,
                    mhca_weight: float = 0.0, relation_weight: float = 0.0,
                    ot_weight: float = 0.0, kd_temperature: float = 1.0,
-                   features: str = "tokens", mhca_heads: int = 4,
+                   student_hidden_tap: str = "tokens",
+                   teacher_hidden_tap: str = "tokens",
+                   student_ot_tap: str = "tokens",
+                   teacher_ot_tap: str = "tokens", mhca_heads: int = 4,
                    mhca_qkv_features: Optional[int] = None,
                    mhca_reconstruction_weight: float = 1.0,
                    ot_epsilon: float = 0.1, ot_plan_gradient: str = "implicit",
@@ -154,7 +191,8 @@ def make_objective(*, alpha: float, kd_weight: float = 0.0,
 
   α = 0 gives the task loss alone (no teacher, no heads). Weights are
   λ_kd, λ_m, λ_r, λ_ot; a zero weight switches its term off.
-  `mhca_qkv_features` 0 or None means the student width.
+  `mhca_qkv_features` 0 or None means the student width. The `*_tap`
+  arguments name the feature tap each term reads (models.layers.Taps).
   """
   weights: dict[str, Any] = {
       name: float(w) for name, w in (("kd", kd_weight), ("mhca", mhca_weight),
@@ -169,7 +207,10 @@ def make_objective(*, alpha: float, kd_weight: float = 0.0,
                      mhca_heads=mhca_heads,
                      mhca_qkv_features=mhca_qkv_features)
   return Objective(
-      alpha=float(alpha), weights=weights, heads=heads, features=features,
+      alpha=float(alpha), weights=weights, heads=heads,
+      taps=dict(student_hidden=student_hidden_tap,
+                teacher_hidden=teacher_hidden_tap, student_ot=student_ot_tap,
+                teacher_ot=teacher_ot_tap),
       kd_temperature=float(kd_temperature),
       mhca_reconstruction_weight=float(mhca_reconstruction_weight),
       ot_kwargs=dict(epsilon=float(ot_epsilon), plan_gradient=ot_plan_gradient,

@@ -1,8 +1,8 @@
-"""Small residual 1-D CNN: the student signal encoder."""
+"""Small residual 1-D CNN: the default edge student."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -15,16 +15,18 @@ class ResBlock1D(nn.Module):
   width: int
   stride: int = 1
   dtype: layers.Dtype = jnp.float32
+  param_dtype: layers.Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    conv = lambda w, k, s, n: nn.Conv(w, (k,), (s,), dtype=self.dtype, name=n)
-    norm = lambda n: nn.GroupNorm(num_groups=None, group_size=8,
-                                  dtype=self.dtype, name=n)
-    y = nn.gelu(norm("gn1")(conv(self.width, 5, self.stride, "conv1")(x)))
-    y = norm("gn2")(conv(self.width, 5, 1, "conv2")(y))
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    y = nn.gelu(layers.norm("group", name="gn1", **kw)(
+        layers.conv(self.width, 5, self.stride, name="conv1", **kw)(x)))
+    y = layers.norm("group", name="gn2", **kw)(
+        layers.conv(self.width, 5, name="conv2", **kw)(y))
     if self.stride != 1 or x.shape[-1] != self.width:
-      x = norm("gn_skip")(conv(self.width, 1, self.stride, "skip")(x))
+      x = layers.norm("group", name="gn_skip", **kw)(
+          layers.conv(self.width, 1, self.stride, name="skip", **kw)(x))
     return nn.gelu(x + y)
 
 
@@ -34,24 +36,31 @@ class CNN1D(nn.Module):
   With 4 stages a 1000-sample ECG gives ceil(1000 / 16) = 63 tokens of width
   `widths[-1]` (the final feature-map positions).
 
-  Returns (logits [B, C], {"tokens": [B, M, D], "pooled": [B, D]}).
+  Returns (logits [B, C], {tap: hidden}) for the `taps` asked for, from
+  "stem", "stage{s}" (after stage s), "tokens" (= the last stage, [B, M, D])
+  and "pooled" ([B, D]).
   """
   num_classes: int
   widths: Sequence[int]
   blocks_per_stage: int = 1
+  leads: str = "all"
   dropout: float = 0.0
   dtype: layers.Dtype = jnp.float32
+  param_dtype: layers.Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, ecg, *, train: bool = False):
-    x = nn.Conv(self.widths[0], (7,), dtype=self.dtype, name="stem")(
-        ecg.astype(self.dtype))
+  def __call__(self, ecg, *, train: bool = False,
+               taps: Optional[Sequence[str]] = layers.DEFAULT_TAPS):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    record = layers.Taps("CNN1D", taps)
+    x = layers.select_leads(ecg, self.leads).astype(self.dtype)
+    x = record("stem", layers.conv(self.widths[0], 7, name="stem", **kw)(x))
     for s, width in enumerate(self.widths):
       for b in range(self.blocks_per_stage):
-        x = ResBlock1D(width, 2 if b == 0 else 1, self.dtype,
-                       name=f"stage{s}_block{b}")(x)
-    tokens = x
-    pooled = tokens.mean(axis=1)
-    logits = layers.ClassifierHead(self.num_classes, self.dropout)(
-        pooled, train=train)
-    return logits, {"tokens": tokens, "pooled": pooled}
+        x = ResBlock1D(width, 2 if b == 0 else 1, name=f"stage{s}_block{b}",
+                       **kw)(x)
+      x = record(f"stage{s}", layers.constrain(
+          x, ("batch", "length", "channels")))
+    head = layers.ClassifierHead(self.num_classes, self.dropout,
+                                 self.param_dtype)
+    return layers.finish(record, head, x, x.mean(axis=1), train=train)

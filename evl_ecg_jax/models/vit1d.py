@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -11,16 +13,20 @@ from evl_ecg_jax.models import layers
 class ViT1D(nn.Module):
   """ViT over (lead group, time) patches.
 
-  The leads are split into `lead_groups` equal groups (1: every patch spans
-  all leads; 12: one lead per patch) and time into `patch_size`-sample
-  steps, giving lead_groups x T / patch_size tokens, each embedded linearly
-  and tagged with a learned group and time embedding. A 12-lead 1000-sample
-  ECG with lead_groups=1, patch_size=4 gives 250 tokens (40 ms each).
-  With `stem_features` > 0 each group first goes through a shared 1-D conv
-  (a convolutional patch stem: Xiao et al. 2021, "Early convolutions help
-  transformers see better"), which trains much faster on small data.
+  The model reads the leads in `leads` (layers.lead_indices), splits them
+  into `lead_groups` equal groups (1: every patch spans all its leads; one
+  per lead: a token per lead) and time into `patch_size`-sample steps (the
+  signal is zero-padded on the right to a whole number of steps), giving
+  lead_groups x ceil(T / patch_size) tokens, each embedded linearly and
+  tagged with a learned group and time embedding. A 12-lead 1000-sample ECG
+  with lead_groups=1 gives 250 tokens at patch_size=4 (40 ms at 100 Hz) and
+  63 at patch_size=16. With `stem_features` > 0 each group first goes
+  through a shared 1-D conv (a convolutional patch stem: Xiao et al. 2021,
+  "Early convolutions help transformers see better").
 
-  Returns (logits [B, C], {"tokens": [B, N, D], "pooled": [B, D]}).
+  Returns (logits [B, C], {tap: hidden}) for the `taps` asked for, from
+  "embed" (after the patch embedding), "block{i}" (after block i),
+  "tokens" (final LayerNorm, [B, N, width]) and "pooled" ([B, width]).
   """
   num_classes: int
   patch_size: int
@@ -29,37 +35,50 @@ class ViT1D(nn.Module):
   num_heads: int
   mlp_dim: int
   lead_groups: int = 1
+  leads: str = "all"
   stem_features: int = 0
   dropout: float = 0.0
+  remat: bool = False  # recompute each block in the backward pass.
   dtype: layers.Dtype = jnp.float32
+  param_dtype: layers.Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, ecg, *, train: bool = False):
-    batch, samples, leads = ecg.shape
+  def __call__(self, ecg, *, train: bool = False,
+               taps: Optional[Sequence[str]] = layers.DEFAULT_TAPS):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    record = layers.Taps("ViT1D", taps)
+    x = layers.select_leads(ecg, self.leads).astype(self.dtype)
+    batch, samples, leads = x.shape
     groups = self.lead_groups
-    if samples % self.patch_size or leads % groups:
-      raise ValueError(
-          f"ViT1D: input of {samples} samples x {leads} leads does not split "
-          f"into patch_size={self.patch_size} x lead_groups={groups} "
-          "patches (both must divide).")
-    steps = samples // self.patch_size
-    x = ecg.astype(self.dtype).reshape(batch, samples, groups, -1)
+    if leads % groups:
+      raise ValueError(f"ViT1D: {leads} leads ({self.leads!r}) do not split "
+                       f"into lead_groups={groups} equal groups.")
+    steps = -(-samples // self.patch_size)
+    x = jnp.pad(x, ((0, 0), (0, steps * self.patch_size - samples), (0, 0)))
+    x = x.reshape(batch, steps * self.patch_size, groups, -1)
     x = x.transpose(0, 2, 1, 3)  # [B, G, T, leads per group]
     if self.stem_features:
-      x = nn.gelu(nn.Conv(self.stem_features, (9,), dtype=self.dtype,
-                          name="stem")(x))
+      x = nn.gelu(layers.conv(self.stem_features, 9, name="stem", **kw)(x))
     patches = x.reshape(batch, groups, steps, -1)  # [B, G, steps, patch*F]
-    x = nn.Dense(self.width, dtype=self.dtype, name="embed")(patches)
-    init = nn.initializers.normal(0.02)
-    x = x + self.param("group_embed", init, (groups, 1, self.width))
-    x = x + self.param("time_embed", init, (1, steps, self.width))
+    x = layers.dense(self.width, ("channels_in", "embed"), name="embed",
+                     **kw)(patches)
+    init = nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                        (None, None, "embed"))
+    x = x + self.param("group_embed", init, (groups, 1, self.width),
+                       self.param_dtype)
+    x = x + self.param("time_embed", init, (1, steps, self.width),
+                       self.param_dtype)
     x = x.reshape(batch, groups * steps, self.width).astype(self.dtype)
-    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = layers.constrain(x, ("batch", "length", "embed"))
+    x = record("embed", nn.Dropout(self.dropout, deterministic=not train)(x))
+    block = (nn.remat(layers.EncoderBlock, static_argnums=(2,))
+             if self.remat else layers.EncoderBlock)
     for i in range(self.depth):
-      x = layers.EncoderBlock(self.num_heads, self.mlp_dim, self.dropout,
-                              self.dtype, name=f"block{i}")(x, train=train)
-    tokens = nn.LayerNorm(dtype=self.dtype, name="ln_final")(x)
-    pooled = tokens.mean(axis=1)
-    logits = layers.ClassifierHead(self.num_classes, self.dropout)(
-        pooled, train=train)
-    return logits, {"tokens": tokens, "pooled": pooled}
+      x = block(self.num_heads, self.mlp_dim, self.dropout, name=f"block{i}",
+                **kw)(x, train)
+      record(f"block{i}", x)
+    tokens = layers.norm("layer", name="ln_final", **kw)(x)
+    head = layers.ClassifierHead(self.num_classes, self.dropout,
+                                 self.param_dtype)
+    return layers.finish(record, head, tokens, tokens.mean(axis=1),
+                         train=train)

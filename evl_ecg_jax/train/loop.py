@@ -37,26 +37,69 @@ def _init_state(model, tx, config, example_ecg, objective=None, teacher=None):
   """Initialises params with jit (placed on device, nothing on host).
 
   params = {"model": ...} plus {"heads": ...} when the objective has learned
-  heads (MHCA aligner, OT projection), initialised on the feature shapes of
-  the student and the teacher.
+  heads (MHCA aligner, OT projection), initialised on the shapes of the
+  feature taps they read from the student and the teacher. Logical-axis
+  metadata is dropped (`parallel.param_shardings` reads it from
+  `models.abstract_variables` when a mesh is used).
   """
-  heads = None if objective is None else objective.heads
-  if heads is not None:
-    features = objective.features
-    t_shape = jax.eval_shape(lambda x: teacher.init_with_output(
-        jax.random.PRNGKey(0), x)[0][1][features], example_ecg)
+  t_feats = None
+  if objective is not None and objective.heads is not None:
+    t_feats = jax.eval_shape(lambda x: teacher.init_with_output(
+        jax.random.PRNGKey(0), x, taps=objective.model_taps("teacher"))[0][1],
+                             example_ecg)
 
   def init(rng):
     params_rng, state_rng = jax.random.split(rng)
-    variables = model.init(params_rng, example_ecg)
-    params = {"model": variables["params"]}
-    if heads is not None:
-      _, s_feats = model.apply(variables, example_ecg)
-      params["heads"] = heads.init(
-          jax.random.fold_in(rng, 1), s_feats[features],
-          jnp.zeros(t_shape.shape, t_shape.dtype))["params"]
+    params = {"model": models.init_params(model, params_rng, example_ecg)}
+    if t_feats is not None:
+      _, s_feats = model.apply({"params": params["model"]}, example_ecg,
+                               taps=objective.model_taps("student"))
+      params["heads"] = objective.init_heads(
+          jax.random.fold_in(rng, 1), s_feats,
+          jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t_feats))
     return state_lib.TrainState.create(params=params, tx=tx, rng=state_rng)
   return jax.jit(init)(jax.random.PRNGKey(config.seed))
+
+
+def load_teacher_params(config):
+  """Frozen teacher params, cast to `config.teacher.frozen_param_dtype`
+  (e.g. bfloat16 halves their memory; no optimizer state is ever created
+  for them) and replicated over the local devices."""
+  dtype = jnp.dtype(config.teacher.frozen_param_dtype)
+  params = jax.tree.map(lambda x: jnp.asarray(x, dtype),
+                        checkpoint.load_params(config.teacher.init)["model"])
+  return parallel.replicate(params)
+
+
+def _uses_teacher(config) -> bool:
+  return config.mode == "distill" and config.loss.alpha > 0
+
+
+def build_models(config, objective, input_shape):
+  """(trained module, teacher module or None), checked against the config.
+
+  Raises ConfigError naming the field: a bad model block, or a feature tap
+  of `config.loss` that the model does not have (with the ones it has).
+  """
+  num_classes = len(config.data.class_names)
+  built = {}
+  for block in ("teacher", "student"):
+    try:
+      built[block] = models.get(config[block], num_classes, field=block)
+    except ValueError as e:
+      raise config_lib.ConfigError(str(e)) from None
+  model = built[_trained_block(config)]
+  teacher = built["teacher"] if _uses_teacher(config) else None
+  if teacher is not None:
+    for role, module in (("student", model), ("teacher", teacher)):
+      names = models.tap_names(module, input_shape)
+      for term in ("hidden", "ot"):
+        tap = config.loss[f"{role}_{term}_tap"]
+        if tap in objective.model_taps(role) and tap not in names:
+          raise config_lib.ConfigError(
+              f"config.loss.{role}_{term}_tap={tap!r}: expected a feature "
+              f"tap of the {role} ({config[role].name}): {names}.")
+  return model, teacher
 
 
 def _write_json(workdir, name, payload):
@@ -79,13 +122,16 @@ def fit(config, workdir: str) -> dict:
   # (this also prepares the dataset on first use).
   for split in {"train", *config.eval.splits}:
     pipeline.source(config.data, split)
+  # Only distillation has a teacher; a teacher itself trains on the task loss.
+  objective = losses.make_objective(**dict(
+      config.loss, alpha=config.loss.alpha if _uses_teacher(config) else 0.0))
+  example = jnp.asarray(pipeline.example(config.data)["ecg"][None])
+  model, teacher = build_models(config, objective, example.shape)
   os.makedirs(workdir, exist_ok=True)
   # An evaluation keeps the training run's config.json as it was.
   _write_json(workdir, "config.json" if config.mode != "evaluate"
               else "config_evaluate.json", config.to_dict())
-  num_classes = len(config.data.class_names)
   block = _trained_block(config)
-  model = models.get(config[block], num_classes)
   n_dev = jax.local_device_count()
   p_predict = parallel.pmap_predict(
       functools.partial(step_lib.predict_step, model=model))
@@ -93,7 +139,8 @@ def fit(config, workdir: str) -> dict:
   if config.mode == "evaluate":
     params = parallel.replicate(checkpoint.load_params(workdir))
   else:
-    params = _train(config, workdir, model, p_predict, n_dev)
+    params = _train(config, workdir, model, teacher, objective, example,
+                    p_predict, n_dev)
 
   results = evaluate_lib.evaluate(p_predict, params, config.data,
                                   config.eval.splits, n_dev)
@@ -105,21 +152,12 @@ def fit(config, workdir: str) -> dict:
   return results
 
 
-def _train(config, workdir, model, p_predict, n_dev):
-  """Trains `model` and returns its params."""
-  teacher = teacher_params = None
-  if config.mode == "distill" and config.loss.alpha > 0:
-    teacher = models.get(config.teacher, len(config.data.class_names))
-    teacher_params = parallel.replicate(
-        checkpoint.load_params(config.teacher.init)["model"])
-  # Only distillation has a teacher; a teacher itself trains on the task loss.
-  objective = losses.make_objective(**dict(
-      config.loss, alpha=config.loss.alpha if teacher is not None else 0.0))
+def _train(config, workdir, model, teacher, objective, example, p_predict,
+           n_dev):
+  """Trains `model` (distilled from `teacher` if not None); returns params."""
+  teacher_params = None if teacher is None else load_teacher_params(config)
   tx = optim.make(config.optim, config.total_steps)
-
-  example = pipeline.example(config.data)
-  state = _init_state(model, tx, config, jnp.asarray(example["ecg"][None]),
-                      objective, teacher)
+  state = _init_state(model, tx, config, example, objective, teacher)
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.ckpt.max_to_keep)
   data_iter = pipeline.train_iterator(
       config.data, process_index=jax.process_index(),

@@ -22,8 +22,9 @@ def train_step(state, teacher_params, batch, *, model, teacher, objective,
       the learned heads of the feature losses, if any, under
       params["heads"]).
     teacher: frozen Linen teacher, or None (task loss only).
-    objective: (head_params, student_out, teacher_out, labels) ->
-      (loss, terms), e.g. `losses.make_objective(...)`.
+    objective: `losses.Objective`: (head_params, student_out, teacher_out,
+      labels) -> (loss, terms); `objective.model_taps(role)` names the
+      hidden states it reads from each model.
     tx: optax transformation.
     axis_name: the data-parallel axis of the wrapper.
 
@@ -34,12 +35,13 @@ def train_step(state, teacher_params, batch, *, model, teacher, objective,
   rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
   teacher_out = None
   if teacher is not None:
-    teacher_out = jax.lax.stop_gradient(
-        teacher.apply({"params": teacher_params}, batch["ecg"]))
+    teacher_out = jax.lax.stop_gradient(teacher.apply(
+        {"params": teacher_params}, batch["ecg"],
+        taps=objective.model_taps("teacher")))
 
   def loss_fn(params):
     out = model.apply({"params": params["model"]}, batch["ecg"], train=True,
-                      rngs={"dropout": rng})
+                      rngs={"dropout": rng}, taps=objective.model_taps("student"))
     return objective(params.get("heads"), out, teacher_out, batch["labels"])
 
   # Differentiate per device, then average once. Without the cast,
@@ -60,5 +62,5 @@ def train_step(state, teacher_params, batch, *, model, teacher, objective,
 
 def predict_step(params, batch, *, model):
   """Per-class probabilities [b, C] for this device's shard (eval mode)."""
-  logits, _ = model.apply({"params": params["model"]}, batch["ecg"])
+  logits, _ = model.apply({"params": params["model"]}, batch["ecg"], taps=())
   return jax.nn.sigmoid(logits)

@@ -23,8 +23,7 @@ def _outs(seed=0, dtype=jnp.float32):
 
 
 def _init(objective, student, teacher):
-  return objective.heads.init(jax.random.PRNGKey(0), student[1]["tokens"],
-                              teacher[1]["tokens"])["params"]
+  return objective.init_heads(jax.random.PRNGKey(0), student[1], teacher[1])
 
 
 def test_evl_loss_is_equation_9():
@@ -45,8 +44,8 @@ def test_objective_matches_the_terms_computed_by_hand():
   total, terms = objective(params, student, teacher, labels)
   assert set(terms) == {"ce", "kd", "mhca", "mhca_reconstruction", "relation",
                         "ot"}
-  head = objective.heads.apply({"params": params}, student[1]["tokens"],
-                               teacher[1]["tokens"])
+  head = objective.heads.apply({"params": params}, *[student[1]["tokens"],
+                               teacher[1]["tokens"]] * 2)
   h_s, h_t = student[1]["tokens"], teacher[1]["tokens"]
   unit = lambda x: losses.evl.unit_tokens(x)
   by_hand = {

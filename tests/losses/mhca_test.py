@@ -161,8 +161,11 @@ def _train_mhca(related, guarded, steps=400):
   student = _Student()
   params = {"s": student.init(jax.random.PRNGKey(1), z)["params"]}
   h_s = student.apply({"params": params["s"]}, z)
-  heads = objective.heads if guarded else naive
-  params["h"] = heads.init(jax.random.PRNGKey(2), h_s, h_t)["params"]
+  if guarded:
+    params["h"] = objective.init_heads(jax.random.PRNGKey(2),
+                                       {"tokens": h_s}, {"tokens": h_t})
+  else:
+    params["h"] = naive.init(jax.random.PRNGKey(2), h_s, h_t)["params"]
 
   def loss_fn(params, key):
     h_t, z = _collapse_batch(key, related)

@@ -41,15 +41,15 @@ def _setup(loss):
   batch = {"ecg": rng.normal(size=(16, 200, 12)).astype(np.float32),
            "labels": (rng.random((16, 5)) < 0.3).astype(np.float32)}
   x = jnp.asarray(batch["ecg"][:1])
-  teacher_params = teacher.init(jax.random.PRNGKey(1), x)["params"]
+  teacher_params = models.init_params(teacher, jax.random.PRNGKey(1), x)
   tx = optim.make(OPTIM, total_steps=10)
   objective = losses.make_objective(**LOSSES[loss])
-  variables = student.init(jax.random.PRNGKey(0), x)
-  params = {"model": variables["params"]}
+  params = {"model": models.init_params(student, jax.random.PRNGKey(0), x)}
   if objective.heads is not None:
-    params["heads"] = objective.heads.init(
-        jax.random.PRNGKey(3), student.apply(variables, x)[1]["tokens"],
-        teacher.apply({"params": teacher_params}, x)[1]["tokens"])["params"]
+    params["heads"] = objective.init_heads(
+        jax.random.PRNGKey(3),
+        student.apply({"params": params["model"]}, x)[1],
+        teacher.apply({"params": teacher_params}, x)[1])
   state = state_lib.TrainState.create(params=params, tx=tx,
                                       rng=jax.random.PRNGKey(2))
   step = functools.partial(
