@@ -5,7 +5,8 @@
 # `make test-slow` runs the checks behind the `slow` marker.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-WORKDIR ?= workdir/demo
+# make demo VARIANTS=model=xresnet1d: config variants for every demo run.
+VARIANTS ?=
 PYTEST_ARGS ?=
 
 .PHONY: demo test test-slow clean
@@ -23,7 +24,7 @@ $(VENV)/.installed-dev: setup.py | $(PY)
 	touch $@ $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	PYTHON=$(PY) launch/demo.sh $(WORKDIR)
+	PYTHON=$(PY) VARIANTS="$(VARIANTS)" launch/demo.sh $(WORKDIR)
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -3,23 +3,30 @@
 # train a ViT teacher, train the CNN student with the task loss only, distil
 # the student from the frozen teacher with logit KD and with EVL (MHCA + OT +
 # relation), evaluate all four, print the table.
-# Usage: launch/demo.sh [WORKDIR] [extra --config.* overrides for every run]
+# Usage: [VARIANTS=...] launch/demo.sh [WORKDIR] [extra --config.* overrides]
+#   VARIANTS are config variants added to every run, e.g.
+#   VARIANTS=model=xresnet1d (an XResNet1D student) or VARIANTS=student_leads=I
+#   (a lead-I student of the 12-lead teacher); the default WORKDIR is then
+#   workdir/demo_<variants>.
 set -euo pipefail
-WORKDIR=${1:-workdir/demo}
+VARIANTS=${VARIANTS:-}
+SUFFIX=${VARIANTS:+_${VARIANTS//[=,+]/-}}
+WORKDIR=${1:-workdir/demo${SUFFIX}}
 shift || true
 PY=${PYTHON:-python}
-CFG=configs/default.py
+CFG="configs/default.py"
+V=${VARIANTS:+,${VARIANTS}}
 DATA=(--config.data.data_dir="${WORKDIR}/tfds")
 
 
-"$PY" -m evl_ecg_jax.main --config="${CFG}:mode=train_teacher" \
+"$PY" -m evl_ecg_jax.main --config="${CFG}:mode=train_teacher${V}" \
   --workdir="${WORKDIR}/teacher" "${DATA[@]}" "$@"
-"$PY" -m evl_ecg_jax.main --config="${CFG}:mode=distill,loss=ce" \
+"$PY" -m evl_ecg_jax.main --config="${CFG}:mode=distill,loss=ce${V}" \
   --workdir="${WORKDIR}/student_ce" "${DATA[@]}" "$@"
-"$PY" -m evl_ecg_jax.main --config="${CFG}:mode=distill,loss=kd" \
+"$PY" -m evl_ecg_jax.main --config="${CFG}:mode=distill,loss=kd${V}" \
   --config.teacher.init="${WORKDIR}/teacher" \
   --workdir="${WORKDIR}/student_kd" "${DATA[@]}" "$@"
-"$PY" -m evl_ecg_jax.main --config="${CFG}:mode=distill,loss=evl" \
+"$PY" -m evl_ecg_jax.main --config="${CFG}:mode=distill,loss=evl${V}" \
   --config.teacher.init="${WORKDIR}/teacher" \
   --workdir="${WORKDIR}/student_evl" "${DATA[@]}" "$@"
 "$PY" -m evl_ecg_jax.eval.report --out="${WORKDIR}/report.md" \

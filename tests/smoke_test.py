@@ -88,6 +88,45 @@ def test_distill_evl_and_ablations(teacher_dir, tfds_dir, tmp_path, variant,
   assert 0.0 <= metrics["test/macro_auc"] <= 1.0
 
 
+@pytest.mark.parametrize("variant,overrides", [
+    # The two settings: an XResNet1D student of the ViT teacher, and
+    # a lead-I (wearable) student of the 12-lead teacher, here with MHCA and
+    # relation on intermediate layers and the teacher frozen in bfloat16.
+    ("model=xresnet1d", {}),
+    ("student_leads=I", {"loss.student_hidden_tap": "stage2",
+                         "loss.teacher_hidden_tap": "block1",
+                         "teacher.frozen_param_dtype": "bfloat16"}),
+])
+def test_heterogeneous_students_distil(teacher_dir, tfds_dir, tmp_path,
+                                       variant, overrides):
+  workdir = str(tmp_path / "student")
+  metrics = loop.fit(_config(f"mode=distill,loss=evl,{variant}", tfds_dir,
+                             **{"teacher.init": teacher_dir}, **overrides),
+                     workdir)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    last = [json.loads(line) for line in f if "train/loss" in line][-1]
+  assert EVL_TERMS <= set(last)
+  assert all(np.isfinite(v) for k, v in last.items() if k.startswith("train"))
+  params = checkpoint.load_params(workdir)
+  if variant == "student_leads=I":
+    assert params["model"]["stem"]["kernel"].shape[1] == 1  # one input lead
+  else:
+    assert metrics["model"] == "xresnet1d"
+  assert 0.0 <= metrics["test/macro_auc"] <= 1.0
+
+
+def test_unknown_feature_tap_is_a_config_error(teacher_dir, tfds_dir,
+                                               tmp_path):
+  config = _config("mode=distill,loss=evl", tfds_dir,
+                   **{"teacher.init": teacher_dir,
+                      "loss.teacher_hidden_tap": "block9"})
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"config.loss.teacher_hidden_tap='block9'.*"
+                     r"'block2'"):
+    loop.fit(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
 def test_resume_gives_the_uninterrupted_result(tfds_dir, tmp_path):
   straight = str(tmp_path / "straight")
   loop.fit(_config("mode=distill,loss=ce", tfds_dir), straight)

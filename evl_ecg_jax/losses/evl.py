@@ -132,7 +132,8 @@ class Objective:
     aligner, ot_on = self.heads.aligner, self.heads.ot_projection
     return (pick(s_feats, "student_hidden", aligner),
             pick(t_feats, "teacher_hidden", aligner),
-            pick(s_feats, "student_ot", ot_on), pick(t_feats, "teacher_ot", ot_on))
+            pick(s_feats, "student_ot", ot_on),
+            pick(t_feats, "teacher_ot", ot_on))
 
   def init_heads(self, rng, student_feats, teacher_feats):
     """Params of the learned heads (None without heads), from feature shapes."""
@@ -161,7 +162,8 @@ class Objective:
       if "relation" in self.weights:
         terms["relation"] = relation.relation_loss(aligned, h_s)
     if "ot" in self.weights:
-      terms["ot"] = ot.ot_loss(unit_tokens(v_t), unit_tokens(head["ot_student"]),
+      terms["ot"] = ot.ot_loss(unit_tokens(v_t),
+                               unit_tokens(head["ot_student"]),
                                **self.ot_kwargs)
     return terms
 

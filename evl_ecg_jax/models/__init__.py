@@ -48,8 +48,9 @@ def get(model_cfg: Mapping[str, Any], num_classes: int, *,
   fields = {f.name for f in MODELS[name].__dataclass_fields__.values()}
   unknown = sorted(set(kwargs) - fields)
   if unknown:
+    known = sorted(fields - {"parent", "name"})
     raise ValueError(f"config.{field}: {unknown} are not fields of "
-                     f"{MODELS[name].__name__} (fields: {sorted(fields - {'parent', 'name'})}).")
+                     f"{MODELS[name].__name__} (fields: {known}).")
   return MODELS[name](num_classes=num_classes, **kwargs)
 
 

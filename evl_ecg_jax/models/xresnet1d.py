@@ -25,7 +25,7 @@ from evl_ecg_jax.models import layers
 
 class XResBlock(nn.Module):
   """Basic (expansion 1) or bottleneck (expansion 4) block, ResNet-D shortcut."""
-  width: int  # bottleneck width; the block outputs width * expansion.
+  width: int  # bottleneck width; the output has width * expansion.
   expansion: int
   stride: int
   kernel_size: int = 5

@@ -41,7 +41,8 @@ def train_step(state, teacher_params, batch, *, model, teacher, objective,
 
   def loss_fn(params):
     out = model.apply({"params": params["model"]}, batch["ecg"], train=True,
-                      rngs={"dropout": rng}, taps=objective.model_taps("student"))
+                      rngs={"dropout": rng},
+                      taps=objective.model_taps("student"))
     return objective(params.get("heads"), out, teacher_out, batch["labels"])
 
   # Differentiate per device, then average once. Without the cast,

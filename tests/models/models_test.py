@@ -141,7 +141,8 @@ def test_lead_specs():
   for bad in ("I+X", "", "I+I"):
     with pytest.raises(ValueError, match="leads="):
       layers.lead_indices(bad)
-  with pytest.raises(ValueError, match=r"config.student.leads='II\+V7'.*unknown: \['V7'\]"):
+  with pytest.raises(ValueError, match=r"config.student.leads='II\+V7'.*"
+                     r"unknown: \['V7'\]"):
     models.get({**default.get_config("").student, "leads": "II+V7"}, 5,
                field="student")
   with pytest.raises(ValueError, match="lead_groups=2"):
