@@ -10,7 +10,8 @@ size=tiny|small|base|large|2b|7b (both models; teacher_size= / student_size=
 set one), teacher=vit1d and model=cnn1d|xresnet1d|convnext1d|vit1d (the
 model families), teacher_leads= / student_leads=all|limb|precordial|I+II|I
 (leads each model reads; e.g. a lead-I wearable student of a 12-lead
-teacher), loss=ce|kd|evl|evl_no_mhca|evl_no_rel|evl_no_ot,
+teacher), loss=ce|kd|fitnet|rkd|dkd|tinybert|uld (baselines)|evl|
+evl_no_mhca|evl_no_rel|evl_no_ot,
 data=synthetic|synthetic500|synthetic_tiny|ptbxl|ptbxl500,
 folds=standard|shared (PTB-XL: train 1-8/val 9/test 10, or 1-7/8/9 for the
 shared subset), runlocal (a few steps on tiny data, for smoke tests).
@@ -51,17 +52,28 @@ _FOLDS = {
     "shared": dict(train="+".join(f"fold{k}" for k in range(1, 8)),
                    validation="fold8", test="fold9"),
 }
-# loss variant -> (λ_kd, λ_m, λ_r, λ_ot); `ce` has α = 0 (no teacher).
-# λ_m = λ_r = λ_ot chosen on the synthetic validation split (tiny sizes,
+# loss variant -> the λ_k of the objective's terms (losses.objective.TERMS);
+# `ce` has α = 0 (no teacher).
+# EVL: λ_m = λ_r = λ_ot chosen on the synthetic validation split (tiny sizes,
 # α = 0.5, one seed): validation macro-AUC 0.568 / 0.745 / 0.773 / 0.781 for
 # λ = 1 / 0.1 / 0.03 / 0.01 (CE only 0.782, logit KD 0.789). The edge
-# student has no capacity to spare on this data; re-tune per dataset.
-_EVL = dict(kd_weight=0.0, mhca_weight=0.01, relation_weight=0.01,
+# student has no capacity to spare on this data; re-tune per dataset
+# (benchmarks/kd_table.py chooses every λ on validation).
+# Baselines: λ = 1 with each method's own internal weights (RKD λ_D = 1,
+# λ_A = 2; DKD α = 1, β = 8; TinyBERT = its hidden-state terms + logit KD).
+_NO_TERMS = dict(kd_weight=0.0, mhca_weight=0.0, relation_weight=0.0,
+                 ot_weight=0.0, fitnet_weight=0.0, tinybert_weight=0.0,
+                 rkd_weight=0.0, dkd_weight=0.0, uld_weight=0.0)
+_EVL = dict(_NO_TERMS, mhca_weight=0.01, relation_weight=0.01,
             ot_weight=0.01)
 _LOSS_WEIGHTS = {
-    "ce": dict(_EVL, mhca_weight=0.0, relation_weight=0.0, ot_weight=0.0),
-    "kd": dict(_EVL, kd_weight=1.0, mhca_weight=0.0, relation_weight=0.0,
-               ot_weight=0.0),
+    "ce": _NO_TERMS,
+    "kd": dict(_NO_TERMS, kd_weight=1.0),
+    "fitnet": dict(_NO_TERMS, fitnet_weight=1.0),
+    "rkd": dict(_NO_TERMS, rkd_weight=1.0),
+    "dkd": dict(_NO_TERMS, dkd_weight=1.0),
+    "tinybert": dict(_NO_TERMS, kd_weight=1.0, tinybert_weight=1.0),
+    "uld": dict(_NO_TERMS, uld_weight=1.0),
     "evl": _EVL,
     "evl_no_mhca": dict(_EVL, mhca_weight=0.0),
     "evl_no_rel": dict(_EVL, relation_weight=0.0),
@@ -69,6 +81,14 @@ _LOSS_WEIGHTS = {
 }
 # Steps per mode for the default (CPU-demo) sizes.
 _STEPS = {"train_teacher": 400, "distill": 300, "evaluate": 1}
+
+
+def _layer_taps(block):
+  """Taps at about 1/3, 2/3 and the end of a model (TinyBERT's layer map)."""
+  if block.name == "vit1d":
+    return tuple(f"block{max(0, block.depth * k // 3 - 1)}" for k in (1, 2)
+                 ) + ("tokens",)
+  return ("stage1", "stage2", "tokens")  # conv families: 4 stages.
 
 
 def get_config(arg=None):
@@ -115,6 +135,11 @@ def get_config(arg=None):
       batch_size=8 if arg.runlocal else 32,  # global, split over all devices.
       eval_batch_size=16 if arg.runlocal else 256,
       shuffle_seed=0,
+      # Labels kept for this fraction of the training records (stratified
+      # by label set, seeded by label_seed); the task loss ignores the
+      # others, distillation uses every record (the labels protocol).
+      label_fraction=1.0,
+      label_seed=0,
       prefetch_threads=2,
       worker_processes=0,  # >0: grain worker processes (mp_prefetch).
   )
@@ -165,9 +190,16 @@ def get_config(arg=None):
       alpha=0.0 if arg.loss == "ce" else 0.5,  # α: weight of distillation.
       kd_temperature=2.0,  # T of the logit-KD term.
       # Feature taps read by the terms (models.tap_names lists a model's):
-      # hidden states for MHCA and relation, visual tokens for OT.
+      # hidden states for MHCA, relation and FitNet, visual tokens for OT,
+      # pooled embeddings for RKD, (student, teacher) layer pairs for
+      # TinyBERT (at 1/3, 2/3 and the end of each model).
       student_hidden_tap="tokens", teacher_hidden_tap="tokens",
       student_ot_tap="tokens", teacher_ot_tap="tokens",
+      student_embed_tap="pooled", teacher_embed_tap="pooled",
+      tinybert_layer_map=tuple(zip(_layer_taps(config.student),
+                                   _layer_taps(config.teacher))),
+      dkd_alpha=1.0,  # DKD's TCKD weight (Zhao et al. 2022).
+      dkd_beta=8.0,  # DKD's NCKD weight.
       mhca_heads=2,  # heads of the MHCA aligner (W^Q, W^K, W^V, W^O).
       mhca_qkv_features=0,  # 0: the student width.
       mhca_reconstruction_weight=1.0,  # γ: the aligner's anti-collapse term.

@@ -86,8 +86,7 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int,
            "α in [0, 1]")
   _require(config.loss.kd_temperature > 0, "loss.kd_temperature",
            config.loss.kd_temperature, "a positive temperature")
-  for field in ("kd_weight", "mhca_weight", "relation_weight", "ot_weight",
-                "mhca_reconstruction_weight"):
+  for field in sorted(k for k in config.loss if k.endswith("_weight")):
     _require(config.loss[field] >= 0, f"loss.{field}", config.loss[field],
              "a weight >= 0 (0 switches the term off)")
   _require(config.loss.ot_epsilon > 0, "loss.ot_epsilon",

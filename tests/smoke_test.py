@@ -115,6 +115,27 @@ def test_heterogeneous_students_distil(teacher_dir, tfds_dir, tmp_path,
   assert 0.0 <= metrics["test/macro_auc"] <= 1.0
 
 
+@pytest.mark.parametrize("variant,terms,heads", [
+    ("fitnet", {"fitnet"}, {"fitnet"}),
+    ("tinybert", {"kd", "tinybert"}, {"tinybert0", "tinybert1", "tinybert2"}),
+    ("rkd", {"rkd"}, None), ("dkd", {"dkd"}, None), ("uld", {"uld"}, None)])
+def test_baselines_train_through_the_same_step(teacher_dir, tfds_dir, tmp_path,
+                                               variant, terms, heads):
+  # The labels protocol rides along: a quarter of the records keep labels.
+  workdir = str(tmp_path / variant)
+  loop.fit(_config(f"mode=distill,loss={variant}", tfds_dir,
+                   **{"teacher.init": teacher_dir,
+                      "data.label_fraction": 0.25}), workdir)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    last = [json.loads(line) for line in f if "train/loss" in line][-1]
+  logged = {k[len("train/"):] for k in last if k.startswith("train/")} - {
+      "loss", "ce", "grad_norm", "learning_rate"}
+  assert logged == terms
+  assert all(np.isfinite(v) for k, v in last.items() if k.startswith("train"))
+  params = checkpoint.load_params(workdir)
+  assert (set(params.get("heads", {})) or None) == heads
+
+
 def test_unknown_feature_tap_is_a_config_error(teacher_dir, tfds_dir,
                                                tmp_path):
   config = _config("mode=distill,loss=evl", tfds_dir,

@@ -1,7 +1,8 @@
 """grain input pipelines over TFDS array_record sources.
 
-Training: source -> this process's shard -> seeded shuffle, reshuffled each
-epoch -> infinite repeat -> preprocessing -> seeded augmentations ->
+Training: source (+ "label_mask" when only `label_fraction` of the records
+keep their labels) -> this process's shard -> seeded shuffle, reshuffled
+each epoch -> infinite repeat -> preprocessing -> seeded augmentations ->
 host-local batches. The iterator is checkpointable
 (`get_state`/`set_state`), so a resumed run sees the same batches.
 Evaluation: this process's shard in order, final batch padded with a mask.
@@ -77,6 +78,49 @@ def host_batch_size(global_batch: int, process_count: int) -> int:
   return global_batch // process_count
 
 
+def labelled_subset(labels: np.ndarray, fraction: float,
+                    seed: int) -> np.ndarray:
+  """bool [N]: a seeded subset of round(fraction·N) records, stratified.
+
+  Records are grouped by their label set (e.g. {MI, CD}); each group gives
+  floor(fraction·n) records, and the remaining ones go to the groups with
+  the largest remainders (ties: larger group first), so every label
+  combination keeps its share as closely as whole records allow.
+  """
+  labels = np.asarray(labels) > 0.5
+  n = len(labels)
+  if not 0.0 < fraction <= 1.0:
+    raise ValueError(f"config.data.label_fraction={fraction}: expected a "
+                     "fraction in (0, 1].")
+  groups = {}
+  for i, row in enumerate(labels):
+    groups.setdefault(row.tobytes(), []).append(i)
+  keys = sorted(groups)
+  quota = {k: fraction * len(groups[k]) for k in keys}
+  take = {k: int(np.floor(q)) for k, q in quota.items()}
+  spare = int(round(fraction * n)) - sum(take.values())
+  order = sorted(keys, key=lambda k: (-(quota[k] - take[k]),
+                                      -len(groups[k]), k))
+  for k in order[:spare]:
+    take[k] += 1
+  rng = np.random.default_rng(seed)
+  mask = np.zeros(n, bool)
+  for k in keys:
+    members = np.asarray(groups[k])
+    mask[rng.permutation(members)[:take[k]]] = True
+  return mask
+
+
+def _label_mask(data_cfg, train_source):
+  """label_mask of every training record, or None when all are labelled."""
+  fraction = data_cfg.get("label_fraction", 1.0)
+  if fraction >= 1.0:
+    return None
+  labels = np.stack([train_source[i]["labels"]
+                     for i in range(len(train_source))])
+  return labelled_subset(labels, fraction, data_cfg.label_seed)
+
+
 def _preprocessed(ds, data_cfg):
   """Maps the deterministic preprocessing of `data_cfg.transforms`, if any."""
   fn = transforms.make_preprocess(data_cfg.transforms, data_cfg.sampling_rate)
@@ -96,12 +140,18 @@ def train_iterator(data_cfg, *, process_index=0, process_count=1,
   example's position in the stream, so a restored iterator repeats them.
   """
   batch = host_batch_size(data_cfg.batch_size, process_count)
+  train = source(data_cfg, "train")
+  ds = grain.MapDataset.source(train).map(_select)
+  mask = _label_mask(data_cfg, train)
+  if mask is not None:
+    # By position in the whole split, before sharding; grain hands later
+    # epochs' positions on unreduced (i + epoch·N), hence the modulo.
+    ds = ds.map_with_index(
+        lambda i, ex: dict(ex, label_mask=mask[i % len(mask)]))
   ds = _preprocessed(
-      grain.MapDataset.source(source(data_cfg, "train"))
-      [process_index::process_count]
+      ds[process_index::process_count]
       .shuffle(seed=data_cfg.shuffle_seed)
-      .repeat()
-      .map(_select), data_cfg)
+      .repeat(), data_cfg)
   augment = transforms.make_augment(data_cfg.transforms,
                                     data_cfg.sampling_rate)
   if augment is not None:

@@ -6,11 +6,13 @@ float32 even for bf16 inputs, and never reads a config. The README's "Loss
 API" section maps each function to its equation.
 """
 
-# EVL-ECG: the objective and its three feature terms.
-from evl_ecg_jax.losses.evl import EVLHeads
+# EVL-ECG: Eq. 9, its three feature terms, and the objective (EVL and the
+# baselines as weighted terms).
 from evl_ecg_jax.losses.evl import evl_loss
-from evl_ecg_jax.losses.evl import make_objective
-from evl_ecg_jax.losses.evl import Objective
+from evl_ecg_jax.losses.objective import DistillHeads
+from evl_ecg_jax.losses.objective import make_objective
+from evl_ecg_jax.losses.objective import Objective
+from evl_ecg_jax.losses.objective import TERMS
 from evl_ecg_jax.losses.mhca import mhca_loss
 from evl_ecg_jax.losses.mhca import mhca_reconstruction_loss
 from evl_ecg_jax.losses.mhca import MHCAAligner
@@ -32,7 +34,7 @@ from evl_ecg_jax.losses.kd import uld_loss
 from evl_ecg_jax.losses.relation import rkd_loss
 
 __all__ = [
-    "EVLHeads", "HintRegressor", "MHCAAligner", "Objective",
+    "DistillHeads", "HintRegressor", "MHCAAligner", "Objective", "TERMS",
     "attention_transfer_loss", "dkd_loss", "evl_loss", "fitnet_loss",
     "logit_kd_loss", "make_objective", "mhca_loss",
     "mhca_reconstruction_loss", "ot_loss", "relation_loss", "rkd_loss",

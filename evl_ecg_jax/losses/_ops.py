@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def f32(*xs):
@@ -92,3 +93,19 @@ def sequence_mean(x, mask=None):
   mask = jnp.asarray(mask, x.dtype)
   per_seq = jnp.sum(x * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1.0)
   return jnp.mean(per_seq)
+
+
+def pool_tokens(x, length: int):
+  """Adaptive average pooling of tokens [B, N, D] -> [B, length, D].
+
+  Output token i averages input tokens floor(i·N/L) … ceil((i+1)·N/L) − 1
+  (PyTorch's adaptive_avg_pool1d windows), so sequences of different
+  lengths can be compared position by position (FitNet, TinyBERT hints
+  between a 250-token teacher and a 63-token student).
+  """
+  n = x.shape[1]
+  weights = np.zeros((length, n), np.float32)
+  for i in range(length):
+    start, stop = (i * n) // length, -((-(i + 1) * n) // length)
+    weights[i, start:stop] = 1.0 / (stop - start)
+  return jnp.einsum("ln,bnd->bld", weights, f32(x))

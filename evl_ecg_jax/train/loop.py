@@ -93,12 +93,15 @@ def build_models(config, objective, input_shape):
   if teacher is not None:
     for role, module in (("student", model), ("teacher", teacher)):
       names = models.tap_names(module, input_shape)
-      for term in ("hidden", "ot"):
-        tap = config.loss[f"{role}_{term}_tap"]
-        if tap in objective.model_taps(role) and tap not in names:
+      for tap in objective.model_taps(role):
+        if tap not in names:
+          fields = [k for k, v in config.loss.items()
+                    if k.startswith(role) and k.endswith("_tap") and v == tap]
+          field = (f"{fields[0]}={tap!r}" if fields else
+                   f"tinybert_layer_map={config.loss.tinybert_layer_map!r}")
           raise config_lib.ConfigError(
-              f"config.loss.{role}_{term}_tap={tap!r}: expected a feature "
-              f"tap of the {role} ({config[role].name}): {names}.")
+              f"config.loss.{field}: expected feature taps of the {role} "
+              f"({config[role].name}): {names}; it has no {tap!r}.")
   return model, teacher
 
 
@@ -181,7 +184,8 @@ def _train(config, workdir, model, teacher, objective, example, p_predict,
   for step in bar:
     batch = next(data_iter)
     state, metrics = p_train(state, teacher_params, parallel.split_batch(
-        {"ecg": batch["ecg"], "labels": batch["labels"]}, n_dev))
+        {k: batch[k] for k in ("ecg", "labels", "label_mask") if k in batch},
+        n_dev))
     done = step + 1
     if done % config.log_every_steps == 0 or done == config.total_steps:
       metrics = {f"train/{k}": float(v) for k, v in metrics.items()}

@@ -17,7 +17,8 @@ def train_step(state, teacher_params, batch, *, model, teacher, objective,
   Args:
     state: TrainState (replicated).
     teacher_params: frozen teacher params, or None when `teacher` is None.
-    batch: {"ecg": [b, T, L], "labels": [b, C]} for this device.
+    batch: {"ecg": [b, T, L], "labels": [b, C]} for this device, and
+      optionally "label_mask" [b] (False: the task loss ignores the labels).
     model: the Linen module being trained (params under params["model"];
       the learned heads of the feature losses, if any, under
       params["heads"]).
@@ -43,7 +44,8 @@ def train_step(state, teacher_params, batch, *, model, teacher, objective,
     out = model.apply({"params": params["model"]}, batch["ecg"], train=True,
                       rngs={"dropout": rng},
                       taps=objective.model_taps("student"))
-    return objective(params.get("heads"), out, teacher_out, batch["labels"])
+    return objective(params.get("heads"), out, teacher_out, batch["labels"],
+                     batch.get("label_mask"))
 
   # Differentiate per device, then average once. Without the cast,
   # shard_map's replication typing (check_vma) would already psum the

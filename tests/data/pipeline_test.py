@@ -5,6 +5,7 @@ import itertools
 
 import ml_collections
 import numpy as np
+import pytest
 
 from evl_ecg_jax.data import pipeline
 
@@ -116,3 +117,45 @@ def test_resample_transform_changes_the_rate_of_train_and_eval(tfds_dir):
   cfg.splits.test = "test"
   batch = next(pipeline.eval_batches(cfg, "test"))
   assert batch["ecg"].shape == (16, 500, 12)
+
+
+def test_labelled_subset_is_stratified_seeded_and_exact():
+  rng = np.random.default_rng(0)
+  labels = (rng.random((1000, 5)) < [0.5, 0.15, 0.3, 0.25, 0.1]).astype(
+      np.float32)
+  mask = pipeline.labelled_subset(labels, 0.1, seed=3)
+  assert mask.sum() == 100
+  np.testing.assert_array_equal(mask, pipeline.labelled_subset(labels, 0.1, 3))
+  assert (mask != pipeline.labelled_subset(labels, 0.1, 4)).any()
+  # Every label set keeps its share: floor or ceil of 10 % of its records.
+  keys = [row.tobytes() for row in labels > 0.5]
+  for key in set(keys):
+    members = np.asarray([k == key for k in keys])
+    share = 0.1 * members.sum()
+    assert np.floor(share) <= mask[members].sum() <= np.ceil(share)
+  # Per class, the labelled prevalence is close to the full one.
+  np.testing.assert_allclose(labels[mask].mean(0), labels.mean(0), atol=0.03)
+  assert pipeline.labelled_subset(labels, 1.0, 0).all()
+  with pytest.raises(ValueError, match="label_fraction=0.0"):
+    pipeline.labelled_subset(labels, 0.0, 0)
+
+
+def test_train_batches_carry_the_label_mask(tfds_dir):
+  cfg = _cfg(tfds_dir)
+  cfg.label_fraction, cfg.label_seed = 0.25, 0
+  epoch = list(itertools.islice(pipeline.train_iterator(cfg), NUM_TRAIN // 8))
+  ids = np.concatenate([b["id"] for b in epoch])
+  masks = np.concatenate([b["label_mask"] for b in epoch])
+  assert len(set(ids.tolist())) == NUM_TRAIN and masks.sum() == NUM_TRAIN // 4
+  # The same records are labelled in the next epoch (fixed per record).
+  nxt = list(itertools.islice(pipeline.train_iterator(cfg), 2 * NUM_TRAIN // 8))
+  again = {int(i): bool(m) for b in nxt[NUM_TRAIN // 8:]
+           for i, m in zip(b["id"], b["label_mask"])}
+  assert again == {int(i): bool(m) for i, m in zip(ids, masks)}
+  # ... and they are the stratified subset of the split's labels, in order.
+  src = pipeline.source(cfg, "train")
+  expected = pipeline.labelled_subset(
+      np.stack([src[k]["labels"] for k in range(len(src))]), 0.25, 0)
+  assert again == {int(src[k]["id"]): bool(expected[k])
+                   for k in range(len(src))}
+  assert "label_mask" not in next(pipeline.train_iterator(_cfg(tfds_dir)))

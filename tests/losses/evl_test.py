@@ -44,8 +44,7 @@ def test_objective_matches_the_terms_computed_by_hand():
   total, terms = objective(params, student, teacher, labels)
   assert set(terms) == {"ce", "kd", "mhca", "mhca_reconstruction", "relation",
                         "ot"}
-  head = objective.heads.apply({"params": params}, *[student[1]["tokens"],
-                               teacher[1]["tokens"]] * 2)
+  head = objective.heads.apply({"params": params}, student[1], teacher[1])
   h_s, h_t = student[1]["tokens"], teacher[1]["tokens"]
   unit = lambda x: losses.evl.unit_tokens(x)
   by_hand = {
@@ -131,3 +130,73 @@ def test_bf16_features_give_finite_f32_loss_and_gradients():
           params, student)
   assert total.dtype == jnp.float32 and np.isfinite(float(total))
   assert all(np.all(np.isfinite(np.float32(g))) for g in jax.tree.leaves(grads))
+
+
+def _feats_outs(seed=0):
+  """Outputs with several taps: tokens, a middle layer, pooled."""
+  rng = np.random.default_rng(seed)
+  arr = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  student = (arr(B, C), {"tokens": arr(B, M, DS), "stage1": arr(B, 2 * M, 4),
+                         "pooled": arr(B, DS)})
+  teacher = (arr(B, C), {"tokens": arr(B, N, DT), "block0": arr(B, N, 7),
+                         "pooled": arr(B, DT)})
+  labels = jnp.asarray(rng.random((B, C)) < 0.4, jnp.float32)
+  return student, teacher, labels
+
+
+def test_baseline_terms_match_the_loss_functions():
+  """Each baseline through the objective = the loss function called by hand
+  (teacher tokens average-pooled to the student's length for hints)."""
+  student, teacher, labels = _feats_outs()
+  mask = jnp.asarray([True, False, True, False])
+  objective = losses.make_objective(
+      alpha=0.5, fitnet_weight=1.0, tinybert_weight=1.0, rkd_weight=1.0,
+      dkd_weight=1.0, uld_weight=1.0, kd_temperature=2.0,
+      tinybert_layer_map=(("stage1", "block0"), ("tokens", "tokens")))
+  assert objective.model_taps("student") == ("tokens", "stage1", "pooled")
+  assert objective.model_taps("teacher") == ("tokens", "block0", "pooled")
+  params = objective.init_heads(jax.random.PRNGKey(0), student[1], teacher[1])
+  assert set(params) == {"fitnet", "tinybert0", "tinybert1"}
+  _, terms = objective(params, student, teacher, labels, mask)
+  head = objective.heads.apply({"params": params}, student[1], teacher[1])
+  (s_logits, s), (t_logits, t) = student, teacher
+  pool = losses._ops.pool_tokens  # pylint: disable=protected-access
+  # DKD targets: the positive class the teacher scores highest (labelled
+  # rows), else the teacher's top class.
+  targets = []
+  for b in range(B):
+    pos = np.flatnonzero(np.asarray(labels[b]))
+    if mask[b] and len(pos):
+      targets.append(pos[np.argmax(np.asarray(t_logits[b])[pos])])
+    else:
+      targets.append(int(np.argmax(t_logits[b])))
+  by_hand = {
+      "ce": losses.sigmoid_bce_loss(s_logits, labels, mask=mask),
+      "fitnet": losses.fitnet_loss(pool(t["tokens"], M), head["fitnet"]),
+      "tinybert": (losses.fitnet_loss(pool(t["block0"], 2 * M),
+                                      head["tinybert0"])
+                   + losses.fitnet_loss(pool(t["tokens"], M),
+                                        head["tinybert1"])),
+      "rkd": losses.rkd_loss(t["pooled"], s["pooled"]),
+      "dkd": losses.dkd_loss(t_logits, s_logits, jnp.asarray(targets),
+                             temperature=2.0),
+      "uld": losses.uld_loss(t_logits, s_logits, temperature=2.0),
+  }
+  assert set(terms) == set(by_hand)
+  for name, value in by_hand.items():
+    assert float(terms[name]) == pytest.approx(float(value), rel=1e-5), name
+  # The unlabelled rows do not enter the task loss.
+  _, flipped = objective(params, student, teacher,
+                         labels.at[1].set(1 - labels[1]), mask)
+  assert float(flipped["ce"]) == pytest.approx(float(terms["ce"]))
+
+
+def test_pool_tokens_windows():
+  x = jnp.arange(10.0)[None, :, None]
+  np.testing.assert_allclose(losses._ops.pool_tokens(x, 10), x)  # pylint: disable=protected-access
+  # 10 -> 4: windows [0,3), [2,5), [5,8), [7,10) (adaptive_avg_pool1d).
+  np.testing.assert_allclose(
+      losses._ops.pool_tokens(x, 4)[0, :, 0], [1.0, 3.0, 6.0, 8.0])  # pylint: disable=protected-access
+  const = jnp.full((2, 250, 3), 1.5)
+  np.testing.assert_allclose(losses._ops.pool_tokens(const, 63), 1.5,  # pylint: disable=protected-access
+                             rtol=1e-6)
