@@ -31,6 +31,7 @@ setuptools.setup(
         "wfdb>=4.1.2",
         "h5py>=3.10",  # CODE-15% tracings (exams_part*.hdf5).
         "numpy>=1.26",
+        "scipy>=1.11",  # band-pass filters, resampling, paired t-intervals.
         "tqdm>=4.66",
     ],
     extras_require={

@@ -22,12 +22,12 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import _timing  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-import step_throughput  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+import speed  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import default  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from evl_ecg_jax.data import pipeline  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 # --out, --size, --steps (batches per round here) and --repeats come from
-# step_throughput.
+# speed.
 _DATA_DIR = flags.DEFINE_string("data_dir", "workdir/demo/tfds",
                                 "TFDS data_dir (built on first use).")
 _PTBXL_DIR = flags.DEFINE_string("ptbxl_dir", "../shared/data/ptbxl",
@@ -60,20 +60,20 @@ def _source_cases():
 def main(argv):
   del argv
   get = lambda loss: default.get_config(
-      f"size={step_throughput._SIZE.value},loss={loss}")  # pylint: disable=protected-access
+      f"size={speed._SIZE.value},loss={loss}")  # pylint: disable=protected-access
   cases = _source_cases()
-  cases["student step, task loss"] = step_throughput._case(  # pylint: disable=protected-access
+  cases["student step, task loss"] = speed._case(  # pylint: disable=protected-access
       get("ce"), "student", None)
-  cases["student step, EVL"] = step_throughput._case(  # pylint: disable=protected-access
+  cases["student step, EVL"] = speed._case(  # pylint: disable=protected-access
       get("evl"), "student", "teacher")
   times = _timing.time_interleaved(
       {name: fn for name, (fn, _) in cases.items()},
-      calls=step_throughput._STEPS.value, repeats=step_throughput._REPEATS.value)  # pylint: disable=protected-access
+      calls=speed._STEPS.value, repeats=speed._REPEATS.value)  # pylint: disable=protected-access
   rate = {name: batch / times[name] for name, (_, batch) in cases.items()}
   need = rate["student step, task loss"]
   rows = [[name, f"{r:,.0f}", f"{r / need:.2f}x"] for name, r in rate.items()]
   print(_timing.write_report(
-      step_throughput._OUT.value, "pipeline",  # pylint: disable=protected-access
+      speed._OUT.value, "pipeline",  # pylint: disable=protected-access
       {"examples_per_second": rate, "augment": AUGMENT},
       ["case", "examples/s", "vs student task-loss step"], rows))
 

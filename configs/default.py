@@ -162,6 +162,10 @@ def get_config(arg=None):
       # Dtype of the frozen teacher's params in distillation (cast on load).
       frozen_param_dtype=("bfloat16" if teacher_size in _BF16_TEACHER
                           else "float32"),
+      # Distillation reads the teacher's outputs from a cache written once
+      # under teacher.init/feature_cache (train/teacher_cache.py) instead of
+      # running it every step; refused with augmentations on.
+      cache_features=False,
       **model_block("teacher", arg.teacher, teacher_size, arg.teacher_leads))
   config.student = model_block("student", arg.model,
                                arg.student_size or arg.size,

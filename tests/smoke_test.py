@@ -19,8 +19,11 @@ def _config(arg, tfds_dir, **overrides):
   config = default.get_config(arg + ",runlocal")
   config.data.data_dir = tfds_dir
   for key, value in overrides.items():
-    block, _, field = key.rpartition(".")
-    (config[block] if block else config)[field] = value
+    *blocks, field = key.split(".")
+    node = config
+    for block in blocks:
+      node = node[block]
+    node[field] = value
   return config
 
 
@@ -134,6 +137,52 @@ def test_baselines_train_through_the_same_step(teacher_dir, tfds_dir, tmp_path,
   assert all(np.isfinite(v) for k, v in last.items() if k.startswith("train"))
   params = checkpoint.load_params(workdir)
   assert (set(params.get("heads", {})) or None) == heads
+
+
+def test_cached_teacher_gives_the_online_result(teacher_dir, tfds_dir,
+                                                tmp_path):
+  """EVL with the teacher's outputs read from the cache = with the teacher
+  run in every step (same params after the run, within float noise)."""
+  params = {}
+  for cache in (False, True):
+    workdir = str(tmp_path / f"cache_{cache}")
+    loop.fit(_config("mode=distill,loss=evl", tfds_dir,
+                     **{"teacher.init": teacher_dir,
+                        "teacher.cache_features": cache}), workdir)
+    params[cache] = checkpoint.load_params(workdir)
+  # Adam turns float noise in a near-zero gradient into a step of up to
+  # lr = 1e-3 per update; 1e-4 after 4 updates still catches any real
+  # difference in what the teacher said.
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4),
+               params[False], params[True])
+  caches = os.listdir(os.path.join(teacher_dir, "feature_cache"))
+  assert len(caches) == 1 and not caches[0].startswith(".tmp")
+  root = os.path.join(teacher_dir, "feature_cache", caches[0])
+  assert {"logits.npy", "tokens.npy", "ids.npy"} <= set(os.listdir(root))
+  # The cached rows are the teacher's outputs for those records, in order.
+  from evl_ecg_jax import models  # pylint: disable=g-import-not-at-top
+  from evl_ecg_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  config = _config("mode=distill,loss=evl", tfds_dir)
+  src = pipeline.source(config.data, "train")
+  rows = [0, 5, len(src) - 1]
+  np.testing.assert_array_equal(np.load(os.path.join(root, "ids.npy"))[rows],
+                                [src[i]["id"] for i in rows])
+  teacher = models.get(config.teacher, 5)
+  logits, feats = teacher.apply(
+      {"params": checkpoint.load_params(teacher_dir)["model"]},
+      np.stack([src[i]["ecg"] for i in rows]), taps=("tokens",))
+  np.testing.assert_allclose(np.load(os.path.join(root, "logits.npy"))[rows],
+                             logits, atol=1e-5)
+  np.testing.assert_allclose(np.load(os.path.join(root, "tokens.npy"))[rows],
+                             feats["tokens"], atol=1e-4)
+  with pytest.raises(config_lib.ConfigError, match="cache_features=True "
+                     "with training augmentations"):
+    loop.fit(_config("mode=distill,loss=evl", tfds_dir,
+                     **{"teacher.init": teacher_dir,
+                        "teacher.cache_features": True,
+                        "data.transforms.noise_std": 0.01}),
+             str(tmp_path / "augmented"))
 
 
 def test_unknown_feature_tap_is_a_config_error(teacher_dir, tfds_dir,

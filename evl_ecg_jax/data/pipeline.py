@@ -130,7 +130,7 @@ def _preprocessed(ds, data_cfg):
 
 
 def train_iterator(data_cfg, *, process_index=0, process_count=1,
-                   read_threads=None):
+                   read_threads=None, per_record=None):
   """Infinite, checkpointable iterator of host-local training batches.
 
   Reads with `prefetch_threads` threads, and with `worker_processes` > 0
@@ -138,16 +138,26 @@ def train_iterator(data_cfg, *, process_index=0, process_count=1,
 
   Augmentations draw from a generator seeded by `shuffle_seed` and the
   example's position in the stream, so a restored iterator repeats them.
+  `per_record` ({key: array [N, ...]} in the split's record order, e.g.
+  cached teacher outputs) adds row i of each array to record i.
   """
   batch = host_batch_size(data_cfg.batch_size, process_count)
   train = source(data_cfg, "train")
   ds = grain.MapDataset.source(train).map(_select)
+  extra = dict(per_record or {})
   mask = _label_mask(data_cfg, train)
   if mask is not None:
+    extra["label_mask"] = mask
+  for key, rows in extra.items():
+    if len(rows) != len(train):
+      raise ValueError(f"{key}: {len(rows)} rows for the {len(train)} "
+                       "training records.")
+  if extra:
     # By position in the whole split, before sharding; grain hands later
     # epochs' positions on unreduced (i + epoch·N), hence the modulo.
-    ds = ds.map_with_index(
-        lambda i, ex: dict(ex, label_mask=mask[i % len(mask)]))
+    n = len(train)
+    ds = ds.map_with_index(lambda i, ex: dict(ex, **{
+        k: np.asarray(v[i % n]) for k, v in extra.items()}))
   ds = _preprocessed(
       ds[process_index::process_count]
       .shuffle(seed=data_cfg.shuffle_seed)

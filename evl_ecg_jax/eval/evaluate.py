@@ -22,14 +22,33 @@ def predict_split(p_predict, params, data_cfg, split: str, num_devices: int):
   return np.concatenate(probs), np.concatenate(labels), np.concatenate(ids)
 
 
-def evaluate(p_predict, params, data_cfg, splits, num_devices: int) -> dict:
-  """{"<split>/macro_auc": ..., "<split>/auc/<class>": ..., "<split>/n": ...}."""
-  out = {}
+def evaluate(p_predict, params, data_cfg, splits, num_devices: int,
+             predictions: dict | None = None) -> dict:
+  """{"<split>/macro_auc", "<split>/auc/<class>", "<split>/n"} per split.
+
+  With a "validation" split, per-class F1-optimal thresholds are chosen on
+  it and applied to every split ("<split>/macro_f1", "<split>/f1/<class>",
+  and "thresholds"). `predictions`, if given, receives {split: (probs,
+  labels, ids)}.
+  """
+  out, preds = {}, {}
   for split in splits:
-    probs, labels, _ = predict_split(p_predict, params, data_cfg, split,
-                                     num_devices)
-    split_metrics = metrics_lib.multilabel_auc(labels, probs,
-                                               data_cfg.class_names)
+    preds[split] = predict_split(p_predict, params, data_cfg, split,
+                                 num_devices)
+  names = data_cfg.class_names
+  thresholds = None
+  if "validation" in preds:
+    probs, labels, _ = preds["validation"]
+    thresholds = [metrics_lib.best_threshold(labels[:, c], probs[:, c])
+                  for c in range(len(names))]
+    out["thresholds"] = dict(zip(names, thresholds))
+  for split, (probs, labels, _) in preds.items():
+    split_metrics = metrics_lib.multilabel_auc(labels, probs, names)
+    if thresholds is not None:
+      split_metrics.update(metrics_lib.multilabel_f1(labels, probs,
+                                                     thresholds, names))
     split_metrics["n"] = len(labels)
     out.update({f"{split}/{k}": v for k, v in split_metrics.items()})
+  if predictions is not None:
+    predictions.update(preds)
   return out

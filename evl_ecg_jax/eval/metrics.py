@@ -51,3 +51,31 @@ def multilabel_auc(labels: np.ndarray, scores: np.ndarray,
   defined = [v for v in per_class.values() if not np.isnan(v)]
   macro = float(np.mean(defined)) if defined else float("nan")
   return {"macro_auc": macro, **per_class}
+
+
+def f1_score(labels: np.ndarray, predictions: np.ndarray) -> float:
+  """Binary F1 = 2·TP / (2·TP + FP + FN); 0 when there is nothing to find."""
+  labels, predictions = np.asarray(labels) > 0.5, np.asarray(predictions)
+  tp = np.sum(labels & predictions)
+  denom = 2 * tp + np.sum(~labels & predictions) + np.sum(labels & ~predictions)
+  return float(2 * tp / denom) if denom else 0.0
+
+
+def best_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
+  """Threshold t maximising F1 of (scores >= t) (ties: the smallest t).
+
+  Candidates are the observed scores, so the choice is exact; it is made
+  on validation and applied unchanged to the test split.
+  """
+  labels, scores = np.asarray(labels) > 0.5, np.asarray(scores, np.float64)
+  candidates = np.unique(scores)
+  f1 = [f1_score(labels, scores >= t) for t in candidates]
+  return float(candidates[int(np.argmax(f1))])
+
+
+def multilabel_f1(labels: np.ndarray, scores: np.ndarray, thresholds,
+                  class_names) -> dict:
+  """{"macro_f1", "f1/<name>"} of `scores >= thresholds` per class."""
+  per_class = {f"f1/{name}": f1_score(labels[:, c], scores[:, c] >= t)
+               for c, (name, t) in enumerate(zip(class_names, thresholds))}
+  return {"macro_f1": float(np.mean(list(per_class.values()))), **per_class}

@@ -181,3 +181,19 @@ def ot_loss(teacher_tokens, student_tokens, *, epsilon, teacher_mask=None,
           t, s, a, b, float(epsilon), plan_gradient, float(threshold),
           int(max_iterations))
   return jnp.mean(per_sequence)
+
+
+def transport_plan(teacher_tokens, student_tokens, *, epsilon,
+                   threshold=1e-4, max_iterations=2000):
+  """The entropic plan P* [N, M] of `ot_loss` for one pair of sequences.
+
+  For inspection and plots (no gradient): rows are teacher tokens, columns
+  student tokens, uniform marginals, squared-Euclidean cost.
+  """
+  t, s = _ops.f32(teacher_tokens, student_tokens)
+  cost = _ops.squared_distances(t, s)
+  a = jnp.full((t.shape[0],), 1.0 / t.shape[0], t.dtype)
+  b = jnp.full((s.shape[0],), 1.0 / s.shape[0], t.dtype)
+  f, g = _potentials(cost, a, b, float(epsilon), float(threshold),
+                     int(max_iterations))
+  return jax.lax.stop_gradient(_plan(cost, f, g, a, b, float(epsilon)))

@@ -23,6 +23,7 @@ from evl_ecg_jax.log import MetricWriter
 from evl_ecg_jax.train import optim
 from evl_ecg_jax.train import state as state_lib
 from evl_ecg_jax.train import step as step_lib
+from evl_ecg_jax.train import teacher_cache
 
 
 def _trained_block(config) -> str:
@@ -130,6 +131,11 @@ def fit(config, workdir: str) -> dict:
       config.loss, alpha=config.loss.alpha if _uses_teacher(config) else 0.0))
   example = jnp.asarray(pipeline.example(config.data)["ecg"][None])
   model, teacher = build_models(config, objective, example.shape)
+  if teacher is not None and config.teacher.cache_features:
+    try:
+      teacher_cache.check(config)
+    except ValueError as e:
+      raise config_lib.ConfigError(str(e)) from None
   os.makedirs(workdir, exist_ok=True)
   # An evaluation keeps the training run's config.json as it was.
   _write_json(workdir, "config.json" if config.mode != "evaluate"
@@ -145,8 +151,13 @@ def fit(config, workdir: str) -> dict:
     params = _train(config, workdir, model, teacher, objective, example,
                     p_predict, n_dev)
 
+  preds = {}
   results = evaluate_lib.evaluate(p_predict, params, config.data,
-                                  config.eval.splits, n_dev)
+                                  config.eval.splits, n_dev, preds)
+  if jax.process_index() == 0:  # per-record scores, for reports and tests
+    np.savez(os.path.join(workdir, "predictions.npz"), **{
+        f"{split}/{name}": array for split, arrays in preds.items()
+        for name, array in zip(("probs", "labels", "ids"), arrays)})
   results["model"] = config[block].name
   results["num_params"] = int(sum(x.size for x in jax.tree.leaves(
       params["model"])))
@@ -162,9 +173,13 @@ def _train(config, workdir, model, teacher, objective, example, p_predict,
   tx = optim.make(config.optim, config.total_steps)
   state = _init_state(model, tx, config, example, objective, teacher)
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.ckpt.max_to_keep)
+  cached = None
+  if teacher is not None and config.teacher.cache_features:
+    cached = teacher_cache.build_or_load(
+        config, teacher, teacher_params, objective.model_taps("teacher"))
   data_iter = pipeline.train_iterator(
       config.data, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      process_count=jax.process_count(), per_record=cached)
   restored = ckpt.restore_latest(jax.eval_shape(lambda: state))
   if restored is not None:
     state, data_state = restored
@@ -184,8 +199,8 @@ def _train(config, workdir, model, teacher, objective, example, p_predict,
   for step in bar:
     batch = next(data_iter)
     state, metrics = p_train(state, teacher_params, parallel.split_batch(
-        {k: batch[k] for k in ("ecg", "labels", "label_mask") if k in batch},
-        n_dev))
+        {k: v for k, v in batch.items() if k in ("ecg", "labels", "label_mask")
+         or k.startswith(teacher_cache.PREFIX)}, n_dev))
     done = step + 1
     if done % config.log_every_steps == 0 or done == config.total_steps:
       metrics = {f"train/{k}": float(v) for k, v in metrics.items()}
@@ -197,7 +212,8 @@ def _train(config, workdir, model, teacher, objective, example, p_predict,
     if done % config.eval_every_steps == 0 and done < config.total_steps:
       val = evaluate_lib.evaluate(p_predict, state.params, config.data,
                                   config.eval.splits[:1], n_dev)
-      writer.write(done, {f"eval/{k}": v for k, v in val.items()})
+      writer.write(done, {f"eval/{k}": v for k, v in val.items()
+                          if np.isscalar(v)})
     if done % config.ckpt_every_steps == 0 or done == config.total_steps:
       ckpt.save(done, state, data_iter.get_state())
   ckpt.close()

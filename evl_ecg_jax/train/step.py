@@ -18,7 +18,9 @@ def train_step(state, teacher_params, batch, *, model, teacher, objective,
     state: TrainState (replicated).
     teacher_params: frozen teacher params, or None when `teacher` is None.
     batch: {"ecg": [b, T, L], "labels": [b, C]} for this device, and
-      optionally "label_mask" [b] (False: the task loss ignores the labels).
+      optionally "label_mask" [b] (False: the task loss ignores the labels)
+      and cached teacher outputs "teacher/logits", "teacher/<tap>" (then
+      the teacher is not run).
     model: the Linen module being trained (params under params["model"];
       the learned heads of the feature losses, if any, under
       params["heads"]).
@@ -35,7 +37,11 @@ def train_step(state, teacher_params, batch, *, model, teacher, objective,
   rng = jax.random.fold_in(state.rng, state.step)
   rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
   teacher_out = None
-  if teacher is not None:
+  if "teacher/logits" in batch:  # cached outputs (train/teacher_cache.py)
+    teacher_out = (batch["teacher/logits"], {
+        tap: batch[f"teacher/{tap}"] for tap in objective.model_taps(
+            "teacher")})
+  elif teacher is not None:
     teacher_out = jax.lax.stop_gradient(teacher.apply(
         {"params": teacher_params}, batch["ecg"],
         taps=objective.model_taps("teacher")))

@@ -38,3 +38,27 @@ def test_macro_auc_matches_sklearn():
   out = metrics.multilabel_auc(labels, scores, list("abcde"))
   assert out["macro_auc"] == pytest.approx(
       skm.roc_auc_score(labels, scores, average="macro"), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_f1_and_threshold_against_sklearn(seed):
+  rng = np.random.default_rng(seed)
+  labels = rng.random(200) < 0.3
+  scores = np.round(rng.random(200) * 0.6 + 0.4 * labels, 2)
+  t = metrics.best_threshold(labels, scores)
+  assert metrics.f1_score(labels, scores >= t) == pytest.approx(
+      skm.f1_score(labels, scores >= t), abs=1e-12)
+  # No other threshold does better (sklearn's precision-recall curve).
+  prec, rec, _ = skm.precision_recall_curve(labels, scores)
+  f1 = np.where(prec + rec > 0, 2 * prec * rec / np.maximum(prec + rec, 1e-12),
+                0)
+  assert metrics.f1_score(labels, scores >= t) == pytest.approx(f1.max())
+
+
+def test_multilabel_f1_hand_case():
+  labels = np.asarray([[1, 0], [1, 1], [0, 1], [0, 0]])
+  scores = np.asarray([[0.9, 0.2], [0.4, 0.7], [0.6, 0.3], [0.1, 0.1]])
+  out = metrics.multilabel_f1(labels, scores, [0.5, 0.3], ("A", "B"))
+  # A: predicted {0, 2}, TP 1, FP 1, FN 1 -> 0.5; B: {1, 2} both right -> 1.
+  assert out == {"macro_f1": 0.75, "f1/A": 0.5, "f1/B": 1.0}
+  assert metrics.f1_score([0, 0], [False, False]) == 0.0

@@ -1,0 +1,119 @@
+"""Statistics of a method comparison over seeds (benchmarks/kd_table.py).
+
+Pure functions of run records {"protocol", "method", "seed", "metrics"}
+(metrics as written to metrics.json), so the report can be recomputed from
+the JSON alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import stats as scipy_stats
+
+BASELINES = ("kd", "fitnet", "rkd", "dkd", "tinybert", "uld")
+
+
+def mean_std(values) -> tuple[float, float]:
+  """Mean and sample standard deviation (ddof=1; 0 for a single value)."""
+  values = np.asarray(values, np.float64)
+  std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+  return float(values.mean()), std
+
+
+def paired_ci(a, b, level: float = 0.95) -> dict:
+  """Paired comparison of per-seed scores a − b: mean, t-interval, p-value.
+
+  Student-t interval on the n per-seed differences (n − 1 degrees of
+  freedom); with one seed the interval is undefined (NaN).
+  """
+  d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+  n = len(d)
+  mean = float(d.mean())
+  if n < 2:
+    return dict(mean=mean, low=float("nan"), high=float("nan"),
+                p=float("nan"), n=n)
+  sem = d.std(ddof=1) / np.sqrt(n)
+  half = float(scipy_stats.t.ppf(0.5 + level / 2, n - 1) * sem)
+  p = float(scipy_stats.ttest_1samp(d, 0.0).pvalue) if sem > 0 else 0.0
+  return dict(mean=mean, low=mean - half, high=mean + half, p=p, n=n)
+
+
+def gap_closed(score, student, teacher) -> float:
+  """Fraction of the teacher − student gap a method closes: (s − s0) / (t − s0)."""
+  gap = teacher - student
+  return float((score - student) / gap) if gap != 0 else float("nan")
+
+
+def _by_seed(runs, protocol, method, key):
+  rows = sorted((r for r in runs if r["protocol"] == protocol
+                 and r["method"] == method), key=lambda r: r["seed"])
+  return [r["seed"] for r in rows], [r["metrics"][key] for r in rows]
+
+
+def summarise(runs, teacher_metrics) -> dict:
+  """{protocol: {"rows": {method: stats}, "evl_vs_best": ..., ...}}."""
+  out = {}
+  teacher_auc = teacher_metrics["test/macro_auc"]
+  for protocol in dict.fromkeys(r["protocol"] for r in runs):
+    methods = list(dict.fromkeys(r["method"] for r in runs
+                                 if r["protocol"] == protocol))
+    rows = {}
+    for method in methods:
+      metrics = [r["metrics"] for r in runs if r["protocol"] == protocol
+                 and r["method"] == method]
+      per_class = sorted(k for k in metrics[0] if k.startswith("test/auc/"))
+      rows[method] = dict(
+          n=len(metrics),
+          test_auc=mean_std([m["test/macro_auc"] for m in metrics]),
+          test_f1=mean_std([m.get("test/macro_f1", np.nan) for m in metrics]),
+          validation_auc=mean_std([m["validation/macro_auc"]
+                                   for m in metrics]),
+          per_class_auc={k[len("test/auc/"):]: mean_std(
+              [m[k] for m in metrics])[0] for k in per_class})
+    summary = dict(rows=rows, teacher_test_auc=teacher_auc)
+    if "ce" in rows:
+      base = rows["ce"]["test_auc"][0]
+      for row in rows.values():
+        row["gap_closed"] = gap_closed(row["test_auc"][0], base, teacher_auc)
+    baselines = [m for m in BASELINES if m in rows]
+    if "evl" in rows and baselines:
+      # The best baseline is chosen on validation, like every other choice.
+      best = max(baselines, key=lambda m: rows[m]["validation_auc"][0])
+      for name, other in (("evl_vs_best", best), ("evl_vs_kd", "kd")):
+        if other not in rows:
+          continue
+        seeds_a, a = _by_seed(runs, protocol, "evl", "test/macro_auc")
+        seeds_b, b = _by_seed(runs, protocol, other, "test/macro_auc")
+        common = sorted(set(seeds_a) & set(seeds_b))
+        a = [a[seeds_a.index(s)] for s in common]
+        b = [b[seeds_b.index(s)] for s in common]
+        summary[name] = dict(baseline=other, **paired_ci(a, b))
+    out[protocol] = summary
+  return out
+
+
+def markdown(summary: dict) -> str:
+  """One table per protocol: mean ± std over seeds and the paired tests."""
+  lines = []
+  for protocol, s in summary.items():
+    lines += [f"### {protocol} (teacher test macro-AUC "
+              f"{s['teacher_test_auc']:.4f})", "",
+              "| method | seeds | test macro-AUC | test macro-F1 | "
+              "gap closed | validation macro-AUC |",
+              "|---|---|---|---|---|---|"]
+    for method, r in s["rows"].items():
+      gap = r.get("gap_closed", float("nan"))
+      lines.append(
+          f"| {method} | {r['n']} | {r['test_auc'][0]:.4f} ± "
+          f"{r['test_auc'][1]:.4f} | {r['test_f1'][0]:.4f} ± "
+          f"{r['test_f1'][1]:.4f} | {gap:+.2f} | "
+          f"{r['validation_auc'][0]:.4f} |")
+    for key in ("evl_vs_best", "evl_vs_kd"):
+      if key in s:
+        c = s[key]
+        lines.append(
+            f"\nEVL − {c['baseline']} (paired over {c['n']} seeds): "
+            f"{c['mean']:+.4f}, 95 % CI [{c['low']:+.4f}, {c['high']:+.4f}], "
+            f"p = {c['p']:.3f}.")
+    lines.append("")
+  return "\n".join(lines)
