@@ -226,7 +226,8 @@ def write(result, docs):
                    for k, v in result["teacher_candidates"].items())
   tune = "\n".join(
       f"| {m} | " + " | ".join(f"{scores[g]:.4f}" for g in tuning["grid"])
-      + f" | {tuning['chosen'][m]} |" for m, scores in tuning["scores"].items())
+      + f" | {next(iter(tuning['chosen'][m].values())):g} |"
+      for m, scores in tuning["scores"].items())
   seeds = max(r["seed"] for r in result["runs"]) + 1
   text = f"""# Results on real ECGs
 

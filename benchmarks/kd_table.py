@@ -141,8 +141,11 @@ def _student_config(method, protocol, seed, teacher_spec, teacher_dir,
     off = {"evl_no_mhca": "mhca", "evl_no_ot": "ot",
            "evl_no_rel": "relation"}[method]
     loss[f"loss.{off}_weight"] = 0.0
+  # The teacher is frozen and no augmentation is on: read its outputs from
+  # the cache (train/teacher_cache.py) instead of running it every step.
   config = _config(arg, seed, {**overrides, **loss,
-                               "teacher.init": teacher_dir})
+                               "teacher.init": teacher_dir,
+                               "teacher.cache_features": method != "ce"})
   config.total_steps = _STUDENT_STEPS.value
   config.optim.warmup_steps = min(config.optim.warmup_steps,
                                   config.total_steps // 10)
@@ -180,8 +183,11 @@ def main(argv):
   for protocol in _PROTOCOLS.value:
     for method in _METHODS.value:
       weights = chosen.get(_family(method), {})
+      tag = "_".join(f"{v:g}" for v in sorted(set(weights.values())))
       for seed in range(_SEEDS.value):
-        name = f"{protocol}_{method}_seed{seed}"
+        # The λ is part of the name: a rerun with other choices never reuses
+        # a run made with different weights.
+        name = f"{protocol}_{method}{'_' + tag if tag else ''}_seed{seed}"
         metrics = _run(name, _student_config(
             method, protocol, seed, teacher_spec, teacher["workdir"],
             weights))

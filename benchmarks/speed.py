@@ -44,8 +44,12 @@ _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per case.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Interleaved timing rounds.")
 
 
-def _case(config, trained, teacher_block):
-  """(step callable taking no args, batch size) for one configuration."""
+def _case(config, trained, teacher_block, cached=False):
+  """(step callable taking no args, batch size) for one configuration.
+
+  `cached`: the batch carries the teacher's outputs (as read from
+  train/teacher_cache.py's cache), so the step skips the teacher forward.
+  """
   n_dev = jax.local_device_count()
   batch_size = config.data.batch_size
   rng = np.random.default_rng(0)
@@ -66,6 +70,14 @@ def _case(config, trained, teacher_block):
       step_lib.train_step, model=model, teacher=teacher, tx=tx,
       objective=objective))
   holder = {"state": parallel.replicate(state)}
+  if cached:
+    taps = objective.model_taps("teacher")
+    logits, feats = teacher.apply(
+        {"params": teacher_params}, batch["ecg"].reshape((-1, 1000, 12)),
+        taps=taps)
+    batch = dict(batch, **parallel.split_batch(
+        {"teacher/logits": np.asarray(logits),
+         **{f"teacher/{t}": np.asarray(feats[t]) for t in taps}}, n_dev))
   teacher_params = parallel.replicate(teacher_params)
 
   def run():
@@ -83,12 +95,12 @@ def _matmul_flops_per_second(n=1024, calls=20):
   return 2 * n**3 / seconds
 
 
-def _model_flops(config, trained, teacher_block):
+def _model_flops(config, trained, teacher_block, cached=False):
   """Model FLOPs of one example's step: 3 x forward of the trained model
-  (forward + backward) + the teacher's forward."""
+  (forward + backward) + the teacher's forward (unless cached)."""
   shape = (1, 10 * config.data.sampling_rate, 12)
   flops = 3 * models.flops_per_example(models.get(config[trained], 5), shape)
-  if teacher_block:
+  if teacher_block and not cached:
     flops += models.flops_per_example(models.get(config[teacher_block], 5),
                                       shape)
   return flops
@@ -107,6 +119,8 @@ def main(argv):
       "student, EVL without relation": (get("evl_no_rel"), "student",
                                         "teacher"),
   }
+  specs["student, EVL, cached teacher"] = (get("evl"), "student", "teacher",
+                                           True)
   ot_only = get("evl")
   ot_only.loss.mhca_weight = ot_only.loss.relation_weight = 0.0
   specs["student, OT alone"] = (ot_only, "student", "teacher")
@@ -124,6 +138,8 @@ def main(argv):
             "ot_share_of_evl_step": 1 - times["student, EVL without OT"] / evl,
             "aligner_share_of_evl_step":
             1 - times["student, OT alone"] / evl}
+  result["cached_over_online_evl"] = (times["student, EVL, cached teacher"]
+                                      / evl)
   for name, (_, batch_size) in cases.items():
     sec = times[name]
     flops = _model_flops(*specs[name]) * batch_size / sec
@@ -142,6 +158,8 @@ def main(argv):
                f"{result['ot_share_of_evl_step']:.0%}", "", "", ""])
   rows.append(["the aligner's (MHCA + relation) share",
                f"{result['aligner_share_of_evl_step']:.0%}", "", "", ""])
+  rows.append(["EVL step, cached / online teacher",
+               f"{result['cached_over_online_evl']:.2f}x", "", "", ""])
   rows.append(["dense f32 matmul, GFLOP/s per device", f"{peak / 1e9:.1f}",
                "", "", ""])
   print(_timing.write_report(

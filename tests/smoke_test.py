@@ -141,12 +141,13 @@ def test_baselines_train_through_the_same_step(teacher_dir, tfds_dir, tmp_path,
 
 def test_cached_teacher_gives_the_online_result(teacher_dir, tfds_dir,
                                                 tmp_path):
-  """EVL with the teacher's outputs read from the cache = with the teacher
-  run in every step (same params after the run, within float noise)."""
+  """A feature loss (FitNet on the teacher's tokens) with the teacher's
+  outputs read from the cache = with the teacher run in every step (same
+  params after the run, within float noise)."""
   params = {}
   for cache in (False, True):
     workdir = str(tmp_path / f"cache_{cache}")
-    loop.fit(_config("mode=distill,loss=evl", tfds_dir,
+    loop.fit(_config("mode=distill,loss=fitnet", tfds_dir,
                      **{"teacher.init": teacher_dir,
                         "teacher.cache_features": cache}), workdir)
     params[cache] = checkpoint.load_params(workdir)
@@ -163,7 +164,7 @@ def test_cached_teacher_gives_the_online_result(teacher_dir, tfds_dir,
   # The cached rows are the teacher's outputs for those records, in order.
   from evl_ecg_jax import models  # pylint: disable=g-import-not-at-top
   from evl_ecg_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  config = _config("mode=distill,loss=evl", tfds_dir)
+  config = _config("mode=distill,loss=fitnet", tfds_dir)
   src = pipeline.source(config.data, "train")
   rows = [0, 5, len(src) - 1]
   np.testing.assert_array_equal(np.load(os.path.join(root, "ids.npy"))[rows],
@@ -178,7 +179,7 @@ def test_cached_teacher_gives_the_online_result(teacher_dir, tfds_dir,
                              feats["tokens"], atol=1e-4)
   with pytest.raises(config_lib.ConfigError, match="cache_features=True "
                      "with training augmentations"):
-    loop.fit(_config("mode=distill,loss=evl", tfds_dir,
+    loop.fit(_config("mode=distill,loss=fitnet", tfds_dir,
                      **{"teacher.init": teacher_dir,
                         "teacher.cache_features": True,
                         "data.transforms.noise_std": 0.01}),

@@ -108,9 +108,11 @@ def markdown(summary: dict) -> str:
           f"{r['test_auc'][1]:.4f} | {r['test_f1'][0]:.4f} ± "
           f"{r['test_f1'][1]:.4f} | {gap:+.2f} | "
           f"{r['validation_auc'][0]:.4f} |")
+    shown = set()
     for key in ("evl_vs_best", "evl_vs_kd"):
-      if key in s:
+      if key in s and s[key]["baseline"] not in shown:
         c = s[key]
+        shown.add(c["baseline"])
         lines.append(
             f"\nEVL − {c['baseline']} (paired over {c['n']} seeds): "
             f"{c['mean']:+.4f}, 95 % CI [{c['low']:+.4f}, {c['high']:+.4f}], "
