@@ -1,11 +1,12 @@
 r"""docs/results.md (+ figures) from the JSON of benchmarks/kd_table.py.
 
-  python benchmarks/kd_report.py --table=workdir/kd_table/kd_table.json \
-      --docs=docs/results.md
+  python benchmarks/kd_report.py   # docs/results/kd_table.json -> docs/results.md
 
-Every number in the document is read from the JSON (or from the run
-workdirs it names: predictions.npz for ROC curves, metrics.jsonl for
-learning curves, checkpoints for the OT plan); nothing is typed by hand.
+Every number in the document and every figure is read from the JSON alone:
+`collect` (called by kd_table.py) has already copied what the figures need
+from the run workdirs into it (ROC points from predictions.npz, learning
+curves from metrics.jsonl, one OT plan from the EVL checkpoint), so a fresh
+checkout regenerates the document from the committed JSON.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from evl_ecg_jax.eval import stats  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
-_TABLE = flags.DEFINE_string("table", "workdir/kd_table/kd_table.json",
-                             "kd_table.py's JSON.")
+_TABLE = flags.DEFINE_string(
+    "table", "docs/results/kd_table.json",
+    "kd_table.py's JSON (the published copy by default).")
 _DOCS = flags.DEFINE_string("docs", "docs/results.md", "Markdown to write.")
 _SHOWN = ("ce", "kd", "evl")  # methods drawn in the ROC figure
 
@@ -66,65 +68,56 @@ def bar_chart(result, path):
   plt.close(fig)
 
 
-def roc_curves(result, protocol, path):
-  """Per-class test ROC of the teacher and of seed 0 of CE / KD / EVL."""
+def _rounded(x):
+  return np.round(np.asarray(x, np.float64), 4).tolist()
+
+
+def _collect_roc(result, protocol):
+  """{source: {class: [fpr, tpr]}} of the teacher and seed 0 of _SHOWN."""
   from sklearn import metrics as skm  # pylint: disable=g-import-not-at-top
-  plt = _plt()
   sources = {"teacher": result["teacher_metrics"]["workdir"]}
   for method in _SHOWN:
     run = _run(result, protocol, method)
     if run is not None:
       sources[method] = run["metrics"]["workdir"]
-  preds = {}
-  for name, workdir in sources.items():
-    path_npz = os.path.join(workdir, "predictions.npz")
-    if os.path.exists(path_npz):
-      preds[name] = np.load(path_npz)
-  if not preds:
-    return False
   classes = list(result["summary"][protocol]["rows"]["ce"]["per_class_auc"])
-  fig, axes = plt.subplots(1, len(classes), figsize=(3 * len(classes), 3),
-                           squeeze=False)
-  for c, (ax, name) in enumerate(zip(axes[0], classes)):
-    for label, p in preds.items():
-      fpr, tpr, _ = skm.roc_curve(p["test/labels"][:, c], p["test/probs"][:, c])
-      ax.plot(fpr, tpr, lw=1, label=label)
-    ax.plot([0, 1], [0, 1], color="grey", lw=0.5)
-    ax.set_title(name, fontsize=9)
-  axes[0][0].legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
-  return True
+  out = {}
+  for name, workdir in sources.items():
+    path = os.path.join(workdir, "predictions.npz")
+    if not os.path.exists(path):
+      continue
+    p = np.load(path)
+    out[name] = {}
+    for c, cls in enumerate(classes):
+      fpr, tpr, _ = skm.roc_curve(p["test/labels"][:, c],
+                                  p["test/probs"][:, c])
+      out[name][cls] = [_rounded(fpr), _rounded(tpr)]
+  return out
 
 
-def learning_curves(result, protocol, path):
-  """Training loss and its task term of seed 0 of each method."""
-  plt = _plt()
-  fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+def _collect_curves(result, protocol):
+  """{method: [[step, train/loss, train/ce], ...]} of seed 0."""
+  out = {}
   for r in result["runs"]:
     if r["protocol"] != protocol or r["seed"] != 0:
       continue
-    with open(os.path.join(r["metrics"]["workdir"], "metrics.jsonl"),
-              encoding="utf-8") as f:
+    path = os.path.join(r["metrics"]["workdir"], "metrics.jsonl")
+    if not os.path.exists(path):
+      continue
+    with open(path, encoding="utf-8") as f:
       rows = [json.loads(line) for line in f]
-    rows = [row for row in rows if "train/loss" in row]
-    for ax, key in zip(axes, ("train/loss", "train/ce")):
-      ax.plot([row["step"] for row in rows], [row[key] for row in rows],
-              lw=1, label=r["method"])
-      ax.set_title(f"{key} ({protocol}, seed 0)", fontsize=9)
-  axes[0].legend(fontsize=6)
-  fig.tight_layout()
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
+    out[r["method"]] = [[row["step"], row["train/loss"], row["train/ce"]]
+                        for row in rows if "train/loss" in row]
+  return out
 
 
-def ot_plan_figure(result, protocol, path):
-  """The OT plan between teacher and (projected) student tokens of the
-  first test ECG, for the EVL student of seed 0."""
+def _collect_ot_plan(result, protocol):
+  """The OT plan [N, M] between teacher and (projected) student tokens of
+  the first test ECG, for the EVL student of seed 0 (None if absent)."""
   run = _run(result, protocol, "evl")
-  if run is None:
-    return False
+  if run is None or not os.path.isdir(os.path.join(
+      run["metrics"]["workdir"], "checkpoints")):
+    return None
   # pylint: disable=g-import-not-at-top
   import jax
   import jax.numpy as jnp
@@ -153,14 +146,73 @@ def ot_plan_figure(result, protocol, path):
   plan = losses.ot.transport_plan(
       evl.unit_tokens(t_feats[config.loss.teacher_ot_tap][0]),
       evl.unit_tokens(head["ot_student"][0]), epsilon=config.loss.ot_epsilon)
-  plan = np.asarray(jax.device_get(plan))
+  return np.round(np.asarray(jax.device_get(plan)) * plan.size, 3).tolist()
+
+
+def collect(result) -> dict:
+  """Adds result["artifacts"]: what the figures need from the run workdirs
+  (ROC points, learning curves, one OT plan), so that `write` reads the
+  JSON alone. Called by kd_table.py before it writes the JSON."""
+  artifacts = {"roc": {}, "curves": {}}
+  for protocol in result["summary"]:
+    artifacts["roc"][protocol] = _collect_roc(result, protocol)
+    artifacts["curves"][protocol] = _collect_curves(result, protocol)
+  first = next(iter(result["summary"]))
+  artifacts["ot_plan"] = dict(protocol=first,
+                              plan=_collect_ot_plan(result, first))
+  result["artifacts"] = artifacts
+  return result
+
+
+def roc_curves(roc, protocol, path):
+  """Per-class test ROC of the teacher and of seed 0 of CE / KD / EVL."""
+  if not roc:
+    return False
+  plt = _plt()
+  classes = list(next(iter(roc.values())))
+  fig, axes = plt.subplots(1, len(classes), figsize=(3 * len(classes), 3),
+                           squeeze=False)
+  for ax, cls in zip(axes[0], classes):
+    for label, curves in roc.items():
+      ax.plot(*curves[cls], lw=1, label=label)
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.5)
+    ax.set_title(f"{cls} ({protocol})", fontsize=9)
+  axes[0][0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+  return True
+
+
+def learning_curves(curves, protocol, path):
+  """Training loss and its task term of seed 0 of each method."""
+  if not curves:
+    return False
+  plt = _plt()
+  fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+  for method, rows in curves.items():
+    rows = np.asarray(rows)
+    for ax, col, key in zip(axes, (1, 2), ("train/loss", "train/ce")):
+      ax.plot(rows[:, 0], rows[:, col], lw=1, label=method)
+      ax.set_title(f"{key} ({protocol}, seed 0)", fontsize=9)
+  axes[0].legend(fontsize=6)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+  return True
+
+
+def ot_plan_figure(ot_plan, path):
+  if not ot_plan or ot_plan.get("plan") is None:
+    return False
   plt = _plt()
   fig, ax = plt.subplots(figsize=(4, 5))
-  ax.imshow(plan * plan.size, aspect="auto", cmap="magma",
+  ax.imshow(np.asarray(ot_plan["plan"]), aspect="auto", cmap="magma",
             interpolation="nearest")
   ax.set_xlabel("student token")
   ax.set_ylabel("teacher token")
-  ax.set_title(f"OT plan x N·M, one test ECG ({protocol})", fontsize=9)
+  ax.set_title(f"OT plan x N·M, one test ECG ({ot_plan['protocol']})",
+               fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=90)
   plt.close(fig)
@@ -200,24 +252,25 @@ def _verdict(summary):
   return "\n".join(lines)
 
 
-def write(result, docs):
+def write(result, docs, table="workdir/kd_table/kd_table.json"):
+  """Writes `docs` and its figures (in results/ beside it) from `result`."""
   fig_dir = os.path.join(os.path.dirname(docs) or ".", "results")
   os.makedirs(fig_dir, exist_ok=True)
   rel = lambda name: f"results/{name}"
   bar_chart(result, os.path.join(fig_dir, "auc_by_protocol.png"))
   figures = [("Test macro-AUC per protocol (mean ± std over seeds; dashed: "
               "teacher)", rel("auc_by_protocol.png"))]
+  art = result.get("artifacts", {})
   for protocol in result["summary"]:
-    if roc_curves(result, protocol, os.path.join(fig_dir,
-                                                 f"roc_{protocol}.png")):
+    if roc_curves(art.get("roc", {}).get(protocol), protocol,
+                  os.path.join(fig_dir, f"roc_{protocol}.png")):
       figures.append((f"ROC per class, {protocol}, seed 0",
                       rel(f"roc_{protocol}.png")))
-    learning_curves(result, protocol,
-                    os.path.join(fig_dir, f"curves_{protocol}.png"))
-    figures.append((f"Learning curves, {protocol}, seed 0",
-                    rel(f"curves_{protocol}.png")))
-  first = next(iter(result["summary"]))
-  if ot_plan_figure(result, first, os.path.join(fig_dir, "ot_plan.png")):
+    if learning_curves(art.get("curves", {}).get(protocol), protocol,
+                       os.path.join(fig_dir, f"curves_{protocol}.png")):
+      figures.append((f"Learning curves, {protocol}, seed 0",
+                      rel(f"curves_{protocol}.png")))
+  if ot_plan_figure(art.get("ot_plan"), os.path.join(fig_dir, "ot_plan.png")):
     figures.append(("OT plan between teacher and student tokens",
                     rel("ot_plan.png")))
   tuning = result["tuning"]
@@ -231,7 +284,7 @@ def write(result, docs):
   seeds = max(r["seed"] for r in result["runs"]) + 1
   text = f"""# Results on real ECGs
 
-Generated by `python benchmarks/kd_report.py --table={_TABLE.value}` from
+Generated by `python benchmarks/kd_report.py --table={table}` from
 the JSON written by `benchmarks/kd_table.py` (see its docstring for the
 protocols). Data: PTB-XL at `{result['manual_dir']}`, folds `{result['folds']}`,
 superdiagnostic labels, 100 Hz. Student `{result['student']}`; teacher
@@ -283,11 +336,26 @@ is reported.
     f.write(text)
 
 
+def publish(result, docs, table):
+  """Writes the self-contained JSON to `table` and the document to `docs`."""
+  if "artifacts" not in result:
+    collect(result)
+  os.makedirs(os.path.dirname(os.path.abspath(table)), exist_ok=True)
+  with open(table, "w", encoding="utf-8") as f:
+    json.dump(result, f, indent=1, default=float)
+  write(result, docs, table)
+
+
 def main(argv):
   del argv
   with open(_TABLE.value, encoding="utf-8") as f:
     result = json.load(f)
-  write(result, _DOCS.value)
+  if "artifacts" in result:
+    write(result, _DOCS.value, _TABLE.value)
+  else:  # a workdir JSON from an older kd_table.py: collect, then publish
+    published = os.path.join(os.path.dirname(_DOCS.value), "results",
+                             "kd_table.json")
+    publish(result, _DOCS.value, published)
   print(f"Wrote {_DOCS.value}")
 
 

@@ -21,8 +21,10 @@ Steps:
      thresholds chosen on validation.
 Every run lives in its own workdir under --out and is reused when its
 metrics.json exists, so an interrupted table resumes where it stopped.
-Writes kd_table.json (every run, the choices, the statistics) and
-kd_table.md; `benchmarks/kd_report.py` turns the JSON into docs/results.md.
+Writes kd_table.json (every run, the choices, the statistics, and what
+the figures need) and kd_table.md under --out, then publishes the JSON to
+docs/results/kd_table.json and docs/results.md (`benchmarks/kd_report.py`
+regenerates the document from that JSON alone).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from absl import logging
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import kd_report  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import default  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from evl_ecg_jax.eval import stats  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from evl_ecg_jax.train import loop  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
@@ -64,6 +68,9 @@ _TUNE_PROTOCOL = flags.DEFINE_string("tune_protocol", "full",
                                      "Protocol whose validation split picks λ.")
 _TEACHER_STEPS = flags.DEFINE_integer("teacher_steps", 600, "Teacher steps.")
 _STUDENT_STEPS = flags.DEFINE_integer("student_steps", 300, "Student steps.")
+_DOCS = flags.DEFINE_string(
+    "docs", "docs/results.md", "Published report; its JSON goes to "
+    "results/kd_table.json beside it ('' to skip).")
 
 PROTOCOLS = {  # name -> (config variants, config overrides)
     "full": ("", {}),
@@ -208,11 +215,15 @@ def main(argv):
   with open(os.path.join(_OUT.value, "kd_table.json"), "w",
             encoding="utf-8") as f:
     json.dump(result, f, indent=2, default=float)
+  kd_report.collect(result)
   table = stats.markdown(result["summary"])
   with open(os.path.join(_OUT.value, "kd_table.md"), "w",
             encoding="utf-8") as f:
     f.write(table + "\n")
   print(table)
+  if _DOCS.value:
+    kd_report.publish(result, _DOCS.value, os.path.join(
+        os.path.dirname(_DOCS.value), "results", "kd_table.json"))
 
 
 if __name__ == "__main__":
