@@ -108,6 +108,12 @@ def _config(arg, seed, overrides):
   return config
 
 
+def _set_steps(config, steps):
+  """Run length; the warmup stays within its first tenth."""
+  config.total_steps = steps
+  config.optim.warmup_steps = min(config.optim.warmup_steps, steps // 10)
+
+
 def _run(name, config):
   """Runs (or reuses) one workdir; returns its metrics.json."""
   workdir = os.path.join(_OUT.value, "runs", name)
@@ -130,9 +136,7 @@ def _teacher():
     family, size = spec.split(":")
     config = _config(f"mode=train_teacher,teacher={family},"
                      f"teacher_size={size}", 0, {})
-    config.total_steps = _TEACHER_STEPS.value
-    config.optim.warmup_steps = min(config.optim.warmup_steps,
-                                    config.total_steps // 10)
+    _set_steps(config, _TEACHER_STEPS.value)
     candidates[spec] = _run(f"teacher_{family}_{size}", config)
   best = max(candidates,
              key=lambda k: candidates[k]["validation/macro_auc"])
@@ -157,9 +161,7 @@ def _student_config(method, protocol, seed, teacher_spec, teacher_dir,
   config = _config(arg, seed, {**overrides, **loss,
                                "teacher.init": teacher_dir,
                                "teacher.cache_features": method != "ce"})
-  config.total_steps = _STUDENT_STEPS.value
-  config.optim.warmup_steps = min(config.optim.warmup_steps,
-                                  config.total_steps // 10)
+  _set_steps(config, _STUDENT_STEPS.value)
   return config
 
 
