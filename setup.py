@@ -33,6 +33,7 @@ setuptools.setup(
         "numpy>=1.26",
         "scipy>=1.11",  # band-pass filters, resampling, paired t-intervals.
         "tqdm>=4.66",
+        "matplotlib>=3.8",  # figures of docs/results.md (kd_report).
     ],
     extras_require={
         "dev": [
