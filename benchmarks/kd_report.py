@@ -20,6 +20,7 @@ from absl import flags
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from evl_ecg_jax.eval import metrics  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from evl_ecg_jax.eval import stats  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 _TABLE = flags.DEFINE_string(
@@ -74,7 +75,6 @@ def _rounded(x):
 
 def _collect_roc(result, protocol):
   """{source: {class: [fpr, tpr]}} of the teacher and seed 0 of _SHOWN."""
-  from sklearn import metrics as skm  # pylint: disable=g-import-not-at-top
   sources = {"teacher": result["teacher_metrics"]["workdir"]}
   for method in _SHOWN:
     run = _run(result, protocol, method)
@@ -89,8 +89,8 @@ def _collect_roc(result, protocol):
     p = np.load(path)
     out[name] = {}
     for c, cls in enumerate(classes):
-      fpr, tpr, _ = skm.roc_curve(p["test/labels"][:, c],
-                                  p["test/probs"][:, c])
+      fpr, tpr = metrics.roc_curve(p["test/labels"][:, c],
+                                   p["test/probs"][:, c])
       out[name][cls] = [_rounded(fpr), _rounded(tpr)]
   return out
 

@@ -33,6 +33,21 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
                / (n_pos * n_neg))
 
 
+def roc_curve(labels: np.ndarray, scores: np.ndarray):
+  """(fpr, tpr) at every distinct score used as a threshold, from (0, 0)
+  to (1, 1); its trapezoidal area is `roc_auc` (tied scores form one
+  diagonal step)."""
+  labels = np.asarray(labels).astype(bool)
+  scores = np.asarray(scores, np.float64)
+  order = np.argsort(-scores, kind="mergesort")
+  labels, scores = labels[order], scores[order]
+  last = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]
+  tp = np.cumsum(labels)[last]
+  fp = (last + 1) - tp
+  n_pos, n_neg = max(tp[-1], 1), max(fp[-1], 1)
+  return np.r_[0.0, fp / n_neg], np.r_[0.0, tp / n_pos]
+
+
 def multilabel_auc(labels: np.ndarray, scores: np.ndarray,
                    class_names) -> dict:
   """Per-class AUC and their macro average over classes where it is defined.

@@ -62,3 +62,16 @@ def test_multilabel_f1_hand_case():
   # A: predicted {0, 2}, TP 1, FP 1, FN 1 -> 0.5; B: {1, 2} both right -> 1.
   assert out == {"macro_f1": 0.75, "f1/A": 0.5, "f1/B": 1.0}
   assert metrics.f1_score([0, 0], [False, False]) == 0.0
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_roc_curve_matches_sklearn_points_and_area(seed):
+  rng = np.random.default_rng(seed)
+  labels = rng.random(200) < 0.3
+  scores = np.round(rng.random(200), 1)  # many ties
+  fpr, tpr = metrics.roc_curve(labels, scores)
+  ref_fpr, ref_tpr, _ = skm.roc_curve(labels, scores, drop_intermediate=False)
+  np.testing.assert_allclose(fpr, ref_fpr)
+  np.testing.assert_allclose(tpr, ref_tpr)
+  assert np.trapezoid(tpr, fpr) == pytest.approx(
+      metrics.roc_auc(labels, scores), abs=1e-12)
