@@ -73,6 +73,12 @@ def _rounded(x):
   return np.round(np.asarray(x, np.float64), 4).tolist()
 
 
+def _corners(fpr, tpr):
+  """The points where the ROC curve turns (collinear ones dropped)."""
+  keep = np.r_[True, (np.diff(fpr, 2) != 0) | (np.diff(tpr, 2) != 0), True]
+  return _rounded(fpr[keep]), _rounded(tpr[keep])
+
+
 def _collect_roc(result, protocol):
   """{source: {class: [fpr, tpr]}} of the teacher and seed 0 of _SHOWN."""
   sources = {"teacher": result["teacher_metrics"]["workdir"]}
@@ -89,9 +95,8 @@ def _collect_roc(result, protocol):
     p = np.load(path)
     out[name] = {}
     for c, cls in enumerate(classes):
-      fpr, tpr = metrics.roc_curve(p["test/labels"][:, c],
-                                   p["test/probs"][:, c])
-      out[name][cls] = [_rounded(fpr), _rounded(tpr)]
+      out[name][cls] = list(_corners(*metrics.roc_curve(
+          p["test/labels"][:, c], p["test/probs"][:, c])))
   return out
 
 

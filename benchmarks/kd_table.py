@@ -209,7 +209,7 @@ def main(argv):
         runs.append(dict(protocol=protocol, method=method, seed=seed,
                          metrics=metrics))
   result = dict(
-      folds=_FOLDS.value, manual_dir=os.path.abspath(_MANUAL_DIR.value),
+      folds=_FOLDS.value, manual_dir=_MANUAL_DIR.value,
       student=_STUDENT.value, teacher=teacher_spec,
       teacher_candidates={k: {m: v[m] for m in ("validation/macro_auc",
                                                  "test/macro_auc")}
