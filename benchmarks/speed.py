@@ -36,6 +36,7 @@ from evl_ecg_jax import models  # noqa: E402  pylint: disable=g-import-not-at-to
 from evl_ecg_jax import parallel  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from evl_ecg_jax.train import loop  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from evl_ecg_jax.train import optim  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from evl_ecg_jax.train import runner  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from evl_ecg_jax.train import step as step_lib  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 _OUT = flags.DEFINE_string("out", "workdir/benchmarks", "Output directory.")
@@ -65,11 +66,14 @@ def _case(config, trained, teacher_block, cached=False):
   objective = losses.make_objective(**dict(
       config.loss, alpha=config.loss.alpha if teacher else 0.0))
   tx = optim.make(config.optim, 1000)
-  state = loop._init_state(model, tx, config, x, objective, teacher)  # pylint: disable=protected-access
-  p_step = parallel.pmap_train_step(functools.partial(
+  run = runner.Pmap()
+  state = run.init_state(loop.state_initializer(model, tx, config, x,
+                                                objective, teacher),
+                         jax.random.PRNGKey(0))
+  p_step = run.train_step(functools.partial(
       step_lib.train_step, model=model, teacher=teacher, tx=tx,
       objective=objective))
-  holder = {"state": parallel.replicate(state)}
+  holder = {"state": state}
   if cached:
     taps = objective.model_taps("teacher")
     logits, feats = teacher.apply(
@@ -80,10 +84,10 @@ def _case(config, trained, teacher_block, cached=False):
          **{f"teacher/{t}": np.asarray(feats[t]) for t in taps}}, n_dev))
   teacher_params = parallel.replicate(teacher_params)
 
-  def run():
+  def one_step():
     holder["state"], metrics = p_step(holder["state"], teacher_params, batch)
     return metrics
-  return run, batch_size
+  return one_step, batch_size
 
 
 def _matmul_flops_per_second(n=1024, calls=20):

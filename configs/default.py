@@ -14,7 +14,9 @@ teacher), loss=ce|kd|fitnet|rkd|dkd|tinybert|uld (baselines)|evl|
 evl_no_mhca|evl_no_rel|evl_no_ot,
 data=synthetic|synthetic500|synthetic_tiny|ptbxl|ptbxl500,
 folds=standard|shared (PTB-XL: train 1-8/val 9/test 10, or 1-7/8/9 for the
-shared subset), runlocal (a few steps on tiny data, for smoke tests).
+shared subset), parallel=pmap|spmd (data-parallel pmap, or jit on a sharded
+data x fsdp x tensor mesh; docs/scale.md), runlocal (a few steps on tiny
+data, for smoke tests).
 
 Real data is read from the official layout, never copied: e.g.
   --config=configs/default.py:data=ptbxl,folds=shared \
@@ -98,7 +100,7 @@ def get_config(arg=None):
                              teacher="vit1d", model="cnn1d",
                              teacher_leads="all", student_leads="all",
                              loss="kd", data="synthetic", folds="standard",
-                             runlocal=False)
+                             parallel="pmap", runlocal=False)
   for variant, known in (("data", _DATA), ("folds", _FOLDS)):
     if arg[variant] not in known:
       raise config_lib.ConfigError(
@@ -174,6 +176,13 @@ def get_config(arg=None):
   # Logical axis -> mesh axis (models/layers.py names the axes); used when
   # params and activations are sharded over a `data x fsdp x tensor` mesh.
   # A mesh axis of size -1 takes the remaining devices.
+  # pmap: the step per device, state replicated (data parallel). spmd: the
+  # same step under jit on the mesh below, params / optimizer state / the
+  # frozen teacher sharded by the rules (FSDP, tensor parallel).
+  config.parallel = arg.parallel
+  # Micro-batches per step (gradients averaged in f32): data.batch_size is
+  # the global batch of one update.
+  config.grad_accum_steps = 1
   config.sharding = dict(
       mesh_axes=("data", "fsdp", "tensor"),
       mesh_shape=(-1, 1, 1),

@@ -14,6 +14,7 @@ from typing import Any
 import ml_collections
 
 MODES = ("train_teacher", "distill", "evaluate")
+PARALLEL = ("pmap", "spmd")
 
 
 class ConfigError(ValueError):
@@ -78,10 +79,14 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int,
   _require(not manual_dir or os.path.isdir(os.path.expanduser(manual_dir)),
            "data.manual_dir", manual_dir,
            "an existing folder holding the dataset in its official layout")
-  for field in ("batch_size", "eval_batch_size"):
-    size = config.data[field]
-    _require(size > 0 and size % num_devices == 0, f"data.{field}", size,
-             f"a positive multiple of the {num_devices} devices")
+  _require(config.parallel in PARALLEL, "parallel", config.parallel,
+           f"one of {PARALLEL}")
+  if config.parallel == "pmap":
+    check_batch(config, num_devices, 1)
+  else:
+    _require(not config.teacher.cache_features, "teacher.cache_features",
+             config.teacher.cache_features, "False with parallel='spmd' (the "
+             "cache is written by a pmapped, replicated teacher)")
   _require(0.0 <= config.loss.alpha <= 1.0, "loss.alpha", config.loss.alpha,
            "α in [0, 1]")
   _require(config.loss.kd_temperature > 0, "loss.kd_temperature",
@@ -115,3 +120,27 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int,
              init, "a workdir holding a teacher checkpoint (written by "
              "--config.mode=train_teacher); none found at "
              f"{os.path.abspath(os.path.expanduser(init))}")
+
+
+def check_batch(config: ml_collections.ConfigDict, batch_shards: int,
+                process_count: int) -> None:
+  """Batch sizes against the devices the batch is split over.
+
+  `batch_shards`: devices (pmap) or the mesh axes of the "batch" rule
+  (spmd). Each of them gets a whole number of rows of every one of the
+  `grad_accum_steps` micro-batches; each process reads a whole share.
+  """
+  accum = config.grad_accum_steps
+  _require(accum >= 1, "grad_accum_steps", accum, "an int >= 1")
+  size = config.data.batch_size
+  _require(size > 0 and size % (batch_shards * accum) == 0,
+           "data.batch_size", size,
+           f"a positive multiple of the {batch_shards} batch shards "
+           f"(devices, or the mesh axes of the 'batch' rule) x "
+           f"grad_accum_steps={accum}")
+  _require(size % process_count == 0, "data.batch_size", size,
+           f"a multiple of the {process_count} processes")
+  size = config.data.eval_batch_size
+  _require(size > 0 and size % batch_shards == 0, "data.eval_batch_size",
+           size, f"a positive multiple of the {batch_shards} batch shards "
+           "(devices, or the mesh axes of the 'batch' rule)")

@@ -7,12 +7,17 @@ axis reshaped to [n_devices, b, ...].
 `shard_map_train_step` runs the same function under `jit` + `jax.shard_map`
 on a mesh whose batch axis is also "data"; there the batch stays
 [n_devices * b, ...], sharded on its leading axis.
-`make_mesh` / `param_shardings` place params on a `data x fsdp x tensor`
-mesh from the models' logical axis names and `config.sharding.rules`.
+`spmd_train_step` runs it under plain `jit` with `axis_name=None` on a
+`data x fsdp x tensor` mesh: params, optimizer state and the frozen teacher
+sharded by `param_shardings` (FSDP / tensor parallel from the models'
+logical axis names and `config.sharding.rules`), the batch split over
+`batch_sharding`, and XLA inserting the collectives.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 
 from absl import logging
@@ -62,6 +67,43 @@ def replicate(tree, devices=None):
   devices = jax.local_devices() if devices is None else devices
   mesh = jax.sharding.Mesh(np.asarray(devices), (AXIS,))
   return jax.device_put(tree, jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec()))
+
+
+def _rebuild(tree, sharding):
+  """The same per-device buffers under another sharding (no copy)."""
+  def rebuild(x):
+    if not isinstance(x, jax.Array):
+      return x
+    return jax.make_array_from_single_device_arrays(
+        x.shape, sharding, [s.data for s in x.addressable_shards])
+  return jax.tree.map(rebuild, tree)
+
+
+def global_replicated(tree):
+  """pmap's process-local replicated arrays -> one replicated array over
+  every process's devices (what orbax saves in a multi-process run)."""
+  if jax.process_count() == 1:
+    return tree
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), (AXIS,))
+  return _rebuild(tree, jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec()))
+
+
+def global_replicated_sharding():
+  """Where a multi-process pmap run restores its state (None: 1 process)."""
+  if jax.process_count() == 1:
+    return None
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), (AXIS,))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def local_replicated(tree):
+  """Inverse of `global_replicated`: this process's devices' copies."""
+  if jax.process_count() == 1:
+    return replicate(tree)
+  mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), (AXIS,))
+  return _rebuild(tree, jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec()))
 
 
@@ -137,3 +179,77 @@ def param_shardings(abstract_variables, mesh, rules):
     logging.info("%d params left unsharded on a dimension their mesh axes "
                  "do not divide: %s", len(fallbacks), fallbacks)
   return shardings, fallbacks
+
+
+def mesh_context(mesh, rules):
+  """The mesh and logical axis rules a sharded trace needs (activation
+  constraints in the models read both)."""
+  stack = contextlib.ExitStack()
+  stack.enter_context(jax.set_mesh(mesh))
+  stack.enter_context(nn.logical_axis_rules(rules))
+  return stack
+
+
+def batch_sharding(mesh, rules):
+  """Rows split over the mesh axes of the logical "batch" axis."""
+  axes = dict(rules).get("batch")
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes))
+
+
+def batch_shards(mesh, rules) -> int:
+  """How many ways the batch is split (the product of its mesh axes)."""
+  axes = dict(rules).get("batch") or ()
+  axes = (axes,) if isinstance(axes, str) else axes
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+class SpmdStep:
+  """`fn` under `jit` on `mesh`, traced with the mesh and rules in scope.
+
+  `lower(*abstract_args)` is the ahead-of-time entry (evl_ecg_jax/aot.py).
+  """
+
+  def __init__(self, fn, mesh, rules, **jit_kwargs):
+    self._jit = jax.jit(fn, **jit_kwargs)
+    self.mesh, self.rules = mesh, rules
+
+  def __call__(self, *args):
+    with mesh_context(self.mesh, self.rules):
+      return self._jit(*args)
+
+  def lower(self, *args):
+    with mesh_context(self.mesh, self.rules):
+      return self._jit.lower(*args)
+
+
+def spmd_train_step(step_fn, mesh, rules, state_shardings, teacher_shardings):
+  """(state, teacher_params, global batch) -> (state, metrics) under jit.
+
+  `step_fn` takes `axis_name`; it is called with None (global view). The
+  state is donated; metrics come back replicated.
+  """
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return SpmdStep(
+      functools.partial(step_fn, axis_name=None), mesh, rules,
+      in_shardings=(state_shardings, teacher_shardings,
+                    batch_sharding(mesh, rules)),
+      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+
+def spmd_predict(predict_fn, mesh, rules):
+  """(placed params, global batch) -> outputs, replicated on every process
+  (the inputs keep the shardings they were placed with)."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return SpmdStep(predict_fn, mesh, rules, out_shardings=replicated)
+
+
+def host_local_batch(batch, sharding):
+  """This process's rows [B / processes, ...] -> global jax.Arrays [B, ...]."""
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def same_on_every_process(batch, sharding):
+  """A host array every process holds in full -> a global jax.Array."""
+  return jax.tree.map(lambda x: jax.make_array_from_callback(
+      x.shape, sharding, lambda idx: x[idx]), batch)

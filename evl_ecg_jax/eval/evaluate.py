@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from evl_ecg_jax import parallel
 from evl_ecg_jax.data import pipeline
 from evl_ecg_jax.eval import metrics as metrics_lib
 
 
-def predict_split(p_predict, params, data_cfg, split: str, num_devices: int):
-  """Runs `p_predict` over every example of `split` -> (probs, labels, ids)."""
+def predict_split(predict, params, data_cfg, split: str):
+  """Runs `predict` over every example of `split` -> (probs, labels, ids).
+
+  `predict(params, {"ecg": [B, T, L]}) -> probs [B, C]` (host arrays) is a
+  runner's predictor (train/runner.py); every process predicts the whole
+  split, so each holds every prediction.
+  """
   probs, labels, ids = [], [], []
   for batch in pipeline.eval_batches(data_cfg, split):
-    out = parallel.merge_outputs(p_predict(
-        params, parallel.split_batch({"ecg": batch["ecg"]}, num_devices)))
+    out = np.asarray(predict(params, {"ecg": batch["ecg"]}))
     keep = batch["mask"]
     probs.append(out[keep])
     labels.append(batch["labels"][keep])
@@ -22,7 +25,7 @@ def predict_split(p_predict, params, data_cfg, split: str, num_devices: int):
   return np.concatenate(probs), np.concatenate(labels), np.concatenate(ids)
 
 
-def evaluate(p_predict, params, data_cfg, splits, num_devices: int,
+def evaluate(predict, params, data_cfg, splits,
              predictions: dict | None = None) -> dict:
   """{"<split>/macro_auc", "<split>/auc/<class>", "<split>/n"} per split.
 
@@ -33,8 +36,7 @@ def evaluate(p_predict, params, data_cfg, splits, num_devices: int,
   """
   out, preds = {}, {}
   for split in splits:
-    preds[split] = predict_split(p_predict, params, data_cfg, split,
-                                 num_devices)
+    preds[split] = predict_split(predict, params, data_cfg, split)
   names = data_cfg.class_names
   thresholds = None
   if "validation" in preds:

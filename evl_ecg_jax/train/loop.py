@@ -7,6 +7,8 @@ import json
 import os
 
 from absl import logging
+from etils import epath
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +23,7 @@ from evl_ecg_jax.data import pipeline
 from evl_ecg_jax.eval import evaluate as evaluate_lib
 from evl_ecg_jax.log import MetricWriter
 from evl_ecg_jax.train import optim
+from evl_ecg_jax.train import runner as runner_lib
 from evl_ecg_jax.train import state as state_lib
 from evl_ecg_jax.train import step as step_lib
 from evl_ecg_jax.train import teacher_cache
@@ -34,14 +37,14 @@ def _trained_block(config) -> str:
   return config.eval.model
 
 
-def _init_state(model, tx, config, example_ecg, objective=None, teacher=None):
-  """Initialises params with jit (placed on device, nothing on host).
+def state_initializer(model, tx, config, example_ecg, objective=None,
+                      teacher=None):
+  """rng -> TrainState with logically partitioned (boxed) params.
 
   params = {"model": ...} plus {"heads": ...} when the objective has learned
   heads (MHCA aligner, OT projection), initialised on the shapes of the
-  feature taps they read from the student and the teacher. Logical-axis
-  metadata is dropped (`parallel.param_shardings` reads it from
-  `models.abstract_variables` when a mesh is used).
+  feature taps they read from the student and the teacher. The runner
+  (train/runner.py) derives the shardings from the boxes, then unboxes.
   """
   t_feats = None
   if objective is not None and objective.heads is not None:
@@ -51,25 +54,35 @@ def _init_state(model, tx, config, example_ecg, objective=None, teacher=None):
 
   def init(rng):
     params_rng, state_rng = jax.random.split(rng)
-    params = {"model": models.init_params(model, params_rng, example_ecg)}
+    params = {"model": model.init(params_rng, example_ecg)["params"]}
     if t_feats is not None:
-      _, s_feats = model.apply({"params": params["model"]}, example_ecg,
+      _, s_feats = model.apply({"params": nn.meta.unbox(params["model"])},
+                               example_ecg,
                                taps=objective.model_taps("student"))
       params["heads"] = objective.init_heads(
           jax.random.fold_in(rng, 1), s_feats,
           jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t_feats))
     return state_lib.TrainState.create(params=params, tx=tx, rng=state_rng)
-  return jax.jit(init)(jax.random.PRNGKey(config.seed))
+  return init
 
 
-def load_teacher_params(config):
+def load_teacher_params(config, run, teacher, input_shape):
   """Frozen teacher params, cast to `config.teacher.frozen_param_dtype`
   (e.g. bfloat16 halves their memory; no optimizer state is ever created
-  for them) and replicated over the local devices."""
+  for them) and placed by the runner (replicated, or sharded like a
+  trained model under parallel=spmd)."""
   dtype = jnp.dtype(config.teacher.frozen_param_dtype)
-  params = jax.tree.map(lambda x: jnp.asarray(x, dtype),
+  params = jax.tree.map(lambda x: np.asarray(x, dtype),
                         checkpoint.load_params(config.teacher.init)["model"])
-  return parallel.replicate(params)
+  return run.place_params(params, _abstract(teacher, input_shape, dtype))
+
+
+def _abstract(model, input_shape, dtype=None):
+  """Boxed abstract variables of `model`, params optionally cast."""
+  abstract = models.abstract_variables(model, input_shape)
+  if dtype is None:
+    return abstract
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), abstract)
 
 
 def _uses_teacher(config) -> bool:
@@ -108,8 +121,14 @@ def build_models(config, objective, input_shape):
 
 def _write_json(workdir, name, payload):
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, name), "w", encoding="utf-8") as f:
-      json.dump(payload, f, indent=2)
+    (epath.Path(workdir) / name).write_text(json.dumps(payload, indent=2))
+
+
+def resolve_workdir(workdir: str) -> str:
+  """An absolute local path, or a URL (gs://...) unchanged."""
+  if "://" in workdir:
+    return workdir.rstrip("/")
+  return os.path.abspath(os.path.expanduser(workdir))
 
 
 def fit(config, workdir: str) -> dict:
@@ -117,7 +136,13 @@ def fit(config, workdir: str) -> dict:
   config_lib.check(config, num_devices=jax.device_count(),
                    model_names=models.MODELS,
                    has_checkpoint=checkpoint.has_checkpoint)
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  try:
+    run = runner_lib.make(config)
+  except ValueError as e:
+    raise config_lib.ConfigError(str(e)) from None
+  if run.name == "spmd":  # pmap's batch was checked against the devices
+    config_lib.check_batch(config, run.batch_shards, jax.process_count())
+  workdir = resolve_workdir(workdir)
   if config.mode == "evaluate" and not checkpoint.has_checkpoint(workdir):
     raise config_lib.ConfigError(
         f"--workdir={workdir}: mode=evaluate expected a workdir holding a "
@@ -136,42 +161,49 @@ def fit(config, workdir: str) -> dict:
       teacher_cache.check(config)
     except ValueError as e:
       raise config_lib.ConfigError(str(e)) from None
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   # An evaluation keeps the training run's config.json as it was.
   _write_json(workdir, "config.json" if config.mode != "evaluate"
               else "config_evaluate.json", config.to_dict())
   block = _trained_block(config)
-  n_dev = jax.local_device_count()
-  p_predict = parallel.pmap_predict(
-      functools.partial(step_lib.predict_step, model=model))
+  predict = run.predictor(functools.partial(step_lib.predict_step,
+                                            model=model))
 
   if config.mode == "evaluate":
-    params = parallel.replicate(checkpoint.load_params(workdir))
+    params = {"model": run.place_params(
+        checkpoint.load_params(workdir)["model"],
+        _abstract(model, example.shape))}
   else:
-    params = _train(config, workdir, model, teacher, objective, example,
-                    p_predict, n_dev)
+    params = _train(config, workdir, run, model, teacher, objective, example,
+                    predict)
 
   preds = {}
-  results = evaluate_lib.evaluate(p_predict, params, config.data,
-                                  config.eval.splits, n_dev, preds)
+  results = evaluate_lib.evaluate(predict, params, config.data,
+                                  config.eval.splits, preds)
   if jax.process_index() == 0:  # per-record scores, for reports and tests
-    np.savez(os.path.join(workdir, "predictions.npz"), **{
-        f"{split}/{name}": array for split, arrays in preds.items()
-        for name, array in zip(("probs", "labels", "ids"), arrays)})
+    with (epath.Path(workdir) / "predictions.npz").open("wb") as f:
+      np.savez(f, **{
+          f"{split}/{name}": array for split, arrays in preds.items()
+          for name, array in zip(("probs", "labels", "ids"), arrays)})
   results["model"] = config[block].name
   results["num_params"] = int(sum(x.size for x in jax.tree.leaves(
       params["model"])))
+  results["parallel"] = run.name
   _write_json(workdir, "metrics.json", results)
   logging.info("Final metrics: %s", results)
   return results
 
 
-def _train(config, workdir, model, teacher, objective, example, p_predict,
-           n_dev):
+def _train(config, workdir, run, model, teacher, objective, example,
+           predict):
   """Trains `model` (distilled from `teacher` if not None); returns params."""
-  teacher_params = None if teacher is None else load_teacher_params(config)
+  teacher_params = teacher_abstract = None
+  if teacher is not None:
+    teacher_abstract = _abstract(
+        teacher, example.shape, jnp.dtype(config.teacher.frozen_param_dtype))
+    teacher_params = load_teacher_params(config, run, teacher, example.shape)
   tx = optim.make(config.optim, config.total_steps)
-  state = _init_state(model, tx, config, example, objective, teacher)
+  init = state_initializer(model, tx, config, example, objective, teacher)
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.ckpt.max_to_keep)
   cached = None
   if teacher is not None and config.teacher.cache_features:
@@ -180,16 +212,20 @@ def _train(config, workdir, model, teacher, objective, example, p_predict,
   data_iter = pipeline.train_iterator(
       config.data, process_index=jax.process_index(),
       process_count=jax.process_count(), per_record=cached)
-  restored = ckpt.restore_latest(jax.eval_shape(lambda: state))
-  if restored is not None:
+  rng = jax.random.PRNGKey(config.seed)
+  restored = ckpt.restore_latest(run.state_target(jax.eval_shape(init, rng)))
+  if restored is None:
+    state = run.init_state(init, rng)
+  else:
     state, data_state = restored
     data_iter.set_state(data_state)
+    state = run.place_state(state)
     logging.info("Resumed from step %d.", int(state.step))
-  state = parallel.replicate(state)
 
-  p_train = parallel.pmap_train_step(functools.partial(
+  step_fn = functools.partial(
       step_lib.train_step, model=model, teacher=teacher, objective=objective,
-      tx=tx, axis_name=parallel.AXIS))
+      tx=tx, accum_steps=config.grad_accum_steps)
+  p_train = run.train_step(step_fn, teacher_abstract)
   schedule = optim.learning_rate_schedule(config.optim, config.total_steps)
   writer = MetricWriter(workdir)
   start = int(state.step)
@@ -198,9 +234,9 @@ def _train(config, workdir, model, teacher, objective, example, p_predict,
                     disable=jax.process_index() != 0, dynamic_ncols=True)
   for step in bar:
     batch = next(data_iter)
-    state, metrics = p_train(state, teacher_params, parallel.split_batch(
+    state, metrics = p_train(state, teacher_params, run.put_batch(
         {k: v for k, v in batch.items() if k in ("ecg", "labels", "label_mask")
-         or k.startswith(teacher_cache.PREFIX)}, n_dev))
+         or k.startswith(teacher_cache.PREFIX)}))
     done = step + 1
     if done % config.log_every_steps == 0 or done == config.total_steps:
       metrics = {f"train/{k}": float(v) for k, v in metrics.items()}
@@ -210,12 +246,12 @@ def _train(config, workdir, model, teacher, objective, example, p_predict,
       writer.write(done, metrics)
       bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
     if done % config.eval_every_steps == 0 and done < config.total_steps:
-      val = evaluate_lib.evaluate(p_predict, state.params, config.data,
-                                  config.eval.splits[:1], n_dev)
+      val = evaluate_lib.evaluate(predict, state.params, config.data,
+                                  config.eval.splits[:1])
       writer.write(done, {f"eval/{k}": v for k, v in val.items()
                           if np.isscalar(v)})
     if done % config.ckpt_every_steps == 0 or done == config.total_steps:
-      ckpt.save(done, state, data_iter.get_state())
+      ckpt.save(done, run.checkpointable(state), data_iter.get_state())
   ckpt.close()
   writer.close()
   return state.params

@@ -1,21 +1,54 @@
 """Per-device train and predict steps: pure, no config reads, no I/O.
 
 Written once with named-axis collectives over `axis_name`; `parallel.py`
-runs them under `jax.pmap` or under `jit` + `jax.shard_map` on a mesh.
+runs them under `jax.pmap` or `jit` + `jax.shard_map` (per device, with
+`axis_name`), or under plain `jit` on a sharded mesh (`axis_name=None`:
+the step sees the global batch and XLA inserts the collectives).
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
+def teacher_outputs(teacher, teacher_params, batch, taps):
+  """(logits, {tap: hidden}) of the frozen teacher, or None without one.
+
+  Cached outputs in the batch ("teacher/logits", "teacher/<tap>", from
+  train/teacher_cache.py) are used instead of running the teacher.
+  """
+  if "teacher/logits" in batch:
+    return batch["teacher/logits"], {tap: batch[f"teacher/{tap}"]
+                                     for tap in taps}
+  if teacher is None:
+    return None
+  return jax.lax.stop_gradient(teacher.apply({"params": teacher_params},
+                                             batch["ecg"], taps=taps))
+
+
+def micro_batches(x, accum_steps: int):
+  """[b, ...] -> [accum_steps, b // accum_steps, ...], interleaved.
+
+  Micro-batch i holds rows i, i + k, i + 2k, ...: on a mesh whose devices
+  each hold a contiguous block of rows, every micro-batch stays spread over
+  all of them (no resharding, no idle device).
+  """
+  b = x.shape[0]
+  if b % accum_steps:
+    raise ValueError(f"A batch of {b} rows does not split into "
+                     f"grad_accum_steps={accum_steps} micro-batches.")
+  return x.reshape((b // accum_steps, accum_steps) + x.shape[1:]).swapaxes(
+      0, 1)
+
+
 def train_step(state, teacher_params, batch, *, model, teacher, objective,
-               tx, axis_name="data"):
+               tx, axis_name="data", accum_steps=1):
   """One optimiser step on this device's shard of the batch.
 
   Args:
-    state: TrainState (replicated).
+    state: TrainState (replicated, or sharded under jit).
     teacher_params: frozen teacher params, or None when `teacher` is None.
     batch: {"ecg": [b, T, L], "labels": [b, C]} for this device, and
       optionally "label_mask" [b] (False: the task loss ignores the labels)
@@ -29,43 +62,71 @@ def train_step(state, teacher_params, batch, *, model, teacher, objective,
       labels) -> (loss, terms); `objective.model_taps(role)` names the
       hidden states it reads from each model.
     tx: optax transformation.
-    axis_name: the data-parallel axis of the wrapper.
+    axis_name: the data-parallel axis of the wrapper, or None under jit on
+      a mesh (the batch is then global; no explicit collectives).
+    accum_steps: gradient accumulation: the batch is split into this many
+      micro-batches (`micro_batches`), run one after the other in a
+      `lax.scan`, and their gradients and metrics are averaged in float32
+      before the single update. Equal to one big batch for every loss that
+      is a mean over examples (all but RKD's and the label-masked CE's
+      batch-level normalisation).
 
   Returns:
-    (new state, metrics averaged over `axis_name`).
+    (new state, metrics averaged over the batch and `axis_name`).
   """
   rng = jax.random.fold_in(state.rng, state.step)
-  rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-  teacher_out = None
-  if "teacher/logits" in batch:  # cached outputs (train/teacher_cache.py)
-    teacher_out = (batch["teacher/logits"], {
-        tap: batch[f"teacher/{tap}"] for tap in objective.model_taps(
-            "teacher")})
-  elif teacher is not None:
-    teacher_out = jax.lax.stop_gradient(teacher.apply(
-        {"params": teacher_params}, batch["ecg"],
-        taps=objective.model_taps("teacher")))
+  params = state.params
+  if axis_name is not None:
+    rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+    # Differentiate per device, then average once. Without the cast,
+    # shard_map's replication typing (check_vma) would already psum the
+    # gradient of the replicated params, and the pmean below would leave an
+    # n_devices-times too large sum (pmap does not do this; tested).
+    params = jax.lax.pcast(params, axis_name, to="varying")
 
-  def loss_fn(params):
-    out = model.apply({"params": params["model"]}, batch["ecg"], train=True,
-                      rngs={"dropout": rng},
-                      taps=objective.model_taps("student"))
-    return objective(params.get("heads"), out, teacher_out, batch["labels"],
-                     batch.get("label_mask"))
+  def grads_and_metrics(micro, micro_rng):
+    t_out = teacher_outputs(teacher, teacher_params, micro,
+                            objective.model_taps("teacher"))
 
-  # Differentiate per device, then average once. Without the cast,
-  # shard_map's replication typing (check_vma) would already psum the
-  # gradient of the replicated params, and the pmean below would leave an
-  # n_devices-times too large sum (pmap does not do this; tested).
-  local_params = jax.lax.pcast(state.params, axis_name, to="varying")
-  (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      local_params)
-  grads = jax.lax.pmean(grads, axis_name)
+    def loss_fn(p):
+      out = model.apply({"params": p["model"]}, micro["ecg"], train=True,
+                        rngs={"dropout": micro_rng},
+                        taps=objective.model_taps("student"))
+      return objective(p.get("heads"), out, t_out, micro["labels"],
+                       micro.get("label_mask"))
+
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return grads, {"loss": loss, **terms}
+
+  if accum_steps == 1:
+    grads, metrics = grads_and_metrics(batch, rng)
+  else:
+    micro = jax.tree.map(lambda x: micro_batches(x, accum_steps), batch)
+    first = jax.tree.map(lambda x: x[0], micro)
+    f32 = lambda t: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32),
+                                 t)
+    zeros = f32(jax.eval_shape(grads_and_metrics, first, rng))
+    if axis_name is not None:
+      zeros = jax.lax.pcast(zeros, axis_name, to="varying")
+
+    def accumulate(total, xs):
+      i, mb = xs
+      out = grads_and_metrics(mb, jax.random.fold_in(rng, i))
+      return jax.tree.map(lambda t, x: t + x.astype(jnp.float32), total,
+                          out), None
+
+    total, _ = jax.lax.scan(accumulate, zeros,
+                            (jnp.arange(accum_steps), micro))
+    grads, metrics = jax.tree.map(
+        lambda t, p: (t / accum_steps).astype(p.dtype), total,
+        jax.eval_shape(grads_and_metrics, first, rng))
+  if axis_name is not None:
+    grads = jax.lax.pmean(grads, axis_name)
+    metrics = jax.lax.pmean(metrics, axis_name)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  metrics = jax.lax.pmean({"loss": loss, **terms}, axis_name)
+  new_params = optax.apply_updates(state.params, updates)
   metrics["grad_norm"] = optax.global_norm(grads)
-  return state.replace(step=state.step + 1, params=params,
+  return state.replace(step=state.step + 1, params=new_params,
                        opt_state=opt_state), metrics
 
 

@@ -1,0 +1,146 @@
+"""`config.parallel`: how the one per-device step runs and where state lives.
+
+  pmap  the step under `jax.pmap` over each process's local devices;
+        params, optimizer state and the frozen teacher replicated;
+        gradients `pmean`ed over the named axis "data".
+  spmd  the same step under `jit` (axis_name=None) on a `data x fsdp x
+        tensor` mesh (`config.sharding`): params, optimizer state and the
+        frozen teacher sharded by the models' logical axes (FSDP / tensor
+        parallel), the batch split over the "batch" rule's mesh axes.
+
+Both give the same losses and updates (tests/train/parallel_modes_test.py).
+A runner owns placement only: init, restore targets, batches, prediction.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from evl_ecg_jax import parallel
+
+
+class Pmap:
+  """Replicated state; batches [B_process, ...] -> [local devices, b, ...]."""
+
+  name = "pmap"
+
+  def __init__(self):
+    self.batch_shards = jax.device_count()
+
+  def init_state(self, init_fn, rng):
+    """`init_fn(rng)` -> boxed TrainState; placed replicated."""
+    return parallel.replicate(jax.jit(
+        lambda r: nn.meta.unbox(init_fn(r)))(rng))
+
+  def state_target(self, abstract_boxed_state):
+    """What a checkpoint restores into (replicated over every process's
+    devices in a multi-process run)."""
+    sharding = parallel.global_replicated_sharding()
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+        nn.meta.unbox(abstract_boxed_state))
+
+  def place_state(self, state):
+    return parallel.local_replicated(state)
+
+  def checkpointable(self, state):
+    """Process-local replicas -> arrays orbax can save from every process."""
+    return parallel.global_replicated(state)
+
+  def place_params(self, params, abstract_variables=None):
+    """Model params (a frozen teacher, an evaluated model), replicated."""
+    del abstract_variables
+    return parallel.replicate(params)
+
+  def train_step(self, step_fn, teacher_abstract=None):
+    """`step_fn(state, teacher_params, batch, axis_name)` under pmap."""
+    del teacher_abstract
+    return parallel.pmap_train_step(functools.partial(step_fn,
+                                                      axis_name=parallel.AXIS))
+
+  def put_batch(self, batch):
+    return parallel.split_batch(batch, jax.local_device_count())
+
+  def predictor(self, predict_fn):
+    """(params, full host batch) -> host outputs, on every process."""
+    p_predict = parallel.pmap_predict(predict_fn)
+    return lambda params, batch: parallel.merge_outputs(p_predict(
+        params, parallel.split_batch(batch, jax.local_device_count())))
+
+
+class Spmd:
+  """Sharded state on `mesh`; batches become global jax.Arrays."""
+
+  name = "spmd"
+
+  def __init__(self, mesh, rules):
+    self.mesh, self.rules = mesh, rules
+    self.batch_shards = parallel.batch_shards(mesh, rules)
+    self._batch = parallel.batch_sharding(mesh, rules)
+    self.state_shardings = None
+
+  def shardings(self, abstract_boxed):
+    """NamedShardings of a boxed abstract tree (logged fallbacks)."""
+    return parallel.param_shardings(abstract_boxed, self.mesh, self.rules)[0]
+
+  def init_state(self, init_fn, rng):
+    self.state_shardings = self.shardings(jax.eval_shape(init_fn, rng))
+    with parallel.mesh_context(self.mesh, self.rules):
+      return jax.jit(lambda r: nn.meta.unbox(init_fn(r)),
+                     out_shardings=self.state_shardings)(rng)
+
+  def state_target(self, abstract_boxed_state):
+    self.state_shardings = self.shardings(abstract_boxed_state)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        nn.meta.unbox(abstract_boxed_state), self.state_shardings)
+
+  def place_state(self, state):
+    return state  # restored in place (state_target carries the shardings)
+
+  def checkpointable(self, state):
+    return state
+
+  def place_params(self, params, abstract_variables):
+    """Model params (a frozen teacher: no optimizer state) sharded by their
+    logical axes; `params` are host arrays every process holds."""
+    shardings = self.shardings(abstract_variables)["params"]
+    return jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(
+            x.shape, s, lambda idx, x=x: np.asarray(x[idx])), params,
+        shardings)
+
+  def teacher_shardings(self, abstract_variables):
+    return (None if abstract_variables is None
+            else self.shardings(abstract_variables)["params"])
+
+  def train_step(self, step_fn, teacher_abstract=None):
+    """`step_fn` under jit on the mesh (after init_state/state_target)."""
+    return parallel.spmd_train_step(step_fn, self.mesh, self.rules,
+                                    self.state_shardings,
+                                    self.teacher_shardings(teacher_abstract))
+
+  def put_batch(self, batch):
+    return parallel.host_local_batch(batch, self._batch)
+
+  def predictor(self, predict_fn):
+    """(params placed on the mesh, full host batch) -> host outputs."""
+    step = parallel.spmd_predict(predict_fn, self.mesh, self.rules)
+    return lambda params, batch: np.asarray(step(
+        params, parallel.same_on_every_process(batch, self._batch)))
+
+
+def make(config):
+  """The runner `config.parallel` names (ValueError naming the field)."""
+  if config.parallel == "pmap":
+    return Pmap()
+  if config.parallel == "spmd":
+    mesh = parallel.make_mesh(config.sharding.mesh_axes,
+                              config.sharding.mesh_shape)
+    return Spmd(mesh, config.sharding.rules)
+  raise ValueError(f"config.parallel={config.parallel!r}: expected 'pmap' "
+                   "or 'spmd'.")

@@ -1,0 +1,166 @@
+"""parallel=pmap and parallel=spmd run the same step to the same numbers.
+
+The runners of train/runner.py (the code `fit` uses) on 8 fake devices:
+pmap (replicated), spmd on a data x fsdp x tensor mesh (params, optimizer
+state and the frozen teacher sharded) and a single device agree on losses
+and updated params for the EVL objective; gradient accumulation equals the
+whole batch.
+
+EVL cases keep one example per fake CPU device: with two or more, the
+vmapped implicit-differentiation solve of the Sinkhorn gradient deadlocks
+XLA:CPU's multi-device runtime (every thread parked on a futex; one device
+is fine, so is ot_plan_gradient="stop"; docs/scale.md). The tensor axis is
+covered with logit KD.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from evl_ecg_jax import losses
+from evl_ecg_jax import models
+from evl_ecg_jax import parallel
+from evl_ecg_jax.train import loop
+from evl_ecg_jax.train import optim
+from evl_ecg_jax.train import runner as runner_lib
+from evl_ecg_jax.train import step as step_lib
+
+STEPS = 3
+# threshold 0: Sinkhorn runs exactly max_iterations on every shard, so the
+# per-device and global programs do the same iterations.
+EVL = dict(alpha=0.5, kd_weight=0.0, mhca_weight=1.0, relation_weight=1.0, ot_weight=1.0,
+           mhca_heads=2, ot_epsilon=0.1, ot_threshold=0.0,
+           ot_max_iterations=100)
+
+
+def _config(loss=None):
+  config = default.get_config("size=tiny,teacher=vit1d,model=cnn1d")
+  config.student.dropout = 0.0  # per-device masks would differ, by design
+  config.teacher.depth = 1
+  config.optim.warmup_steps = 1
+  if loss:
+    config.loss.update(loss)
+  return config
+
+
+def _run(runner, accum_steps=1, loss=None, batch_size=8):
+  config = _config(loss)
+  student = models.get(config.student, 5)
+  teacher = models.get(config.teacher, 5)
+  rng = np.random.default_rng(0)
+  ecg = rng.normal(size=(batch_size, 1000, 12)).astype(np.float32)
+  labels = (rng.random((batch_size, 5)) < 0.3).astype(np.float32)
+  x = jnp.asarray(ecg[:1])
+  objective = losses.make_objective(**dict(config.loss))
+  tx = optim.make(config.optim, total_steps=10)
+  init = loop.state_initializer(student, tx, config, x, objective, teacher)
+  state = runner.init_state(init, jax.random.PRNGKey(0))
+  teacher_abstract = models.abstract_variables(teacher, x.shape)
+  teacher_params = runner.place_params(
+      models.init_params(teacher, jax.random.PRNGKey(1), x), teacher_abstract)
+  step = runner.train_step(functools.partial(
+      step_lib.train_step, model=student, teacher=teacher,
+      objective=objective, tx=tx, accum_steps=accum_steps), teacher_abstract)
+  history = []
+  for _ in range(STEPS):
+    state, metrics = step(state, teacher_params,
+                          runner.put_batch({"ecg": ecg, "labels": labels}))
+    history.append(jax.device_get(metrics))
+  return jax.device_get(state.params), history, (state, teacher_params)
+
+
+def _assert_same(a, b, rtol=1e-4, param_atol=1e-5):
+  (params_a, hist_a, _), (params_b, hist_b, _) = a, b
+  for m_a, m_b in zip(hist_a, hist_b):
+    assert set(m_a) == set(m_b)
+    for k in m_a:
+      np.testing.assert_allclose(m_b[k], m_a[k], rtol=rtol, atol=1e-5,
+                                 err_msg=k)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=rtol,
+                                 atol=param_atol), params_b, params_a)
+
+
+def _spmd(shape=(4, 2, 1)):
+  config = _config()
+  mesh = parallel.make_mesh(config.sharding.mesh_axes, shape)
+  return runner_lib.Spmd(mesh, config.sharding.rules)
+
+
+@pytest.fixture(scope="module")
+def single_device():
+  mesh = parallel.make_mesh(("data", "fsdp", "tensor"), (1, 1, 1),
+                            devices=jax.devices()[:1])
+  return _run(runner_lib.Spmd(mesh, _config().sharding.rules), loss=EVL)
+
+
+def test_pmap_and_spmd_match_one_device_for_evl(single_device):
+  assert jax.device_count() == 8
+  pmap = _run(runner_lib.Pmap(), loss=EVL)
+  spmd = _run(_spmd(), loss=EVL)
+  _assert_same(single_device, pmap)
+  _assert_same(single_device, spmd)
+  assert set(single_device[1][0]) >= {"mhca", "relation", "ot", "ce"}
+  assert single_device[1][-1]["loss"] < single_device[1][0]["loss"]
+
+
+def test_tensor_parallel_matches_pmap_for_kd():
+  # Tensor-split matmuls sum in another order; Adam's normalised step
+  # turns that float noise into ~1e-5 on a few params after 3 steps.
+  _assert_same(_run(runner_lib.Pmap(), batch_size=16),
+               _run(_spmd((2, 2, 2)), batch_size=16), param_atol=1e-4)
+
+
+def test_spmd_shards_params_optimizer_state_and_teacher():
+  runner = _spmd((2, 2, 2))
+  _, _, (state, teacher_params) = _run(runner, batch_size=16)
+
+  def fraction(x):  # of the array held by one device
+    return x.addressable_shards[0].data.size / x.size
+
+  for tree in (state.params["model"], state.opt_state, teacher_params):
+    big = [x for x in jax.tree.leaves(tree) if x.size >= 4096]
+    assert big and all(fraction(x) <= 0.5 for x in big)
+  # FSDP x tensor: the teacher's MLP kernels hold a quarter on each device.
+  mlp = teacher_params["block0"]["mlp"]["fc1"]["kernel"]
+  assert fraction(mlp) == 0.25
+  assert mlp.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+
+
+@pytest.mark.parametrize("runner", ["pmap", "spmd"])
+def test_grad_accumulation_equals_the_whole_batch(runner):
+  make = runner_lib.Pmap if runner == "pmap" else _spmd
+  whole = _run(make(), batch_size=16)
+  # Summation order differs (see the tensor-parallel test).
+  _assert_same(whole, _run(make(), accum_steps=2, batch_size=16),
+               param_atol=1e-4)
+
+
+def test_micro_batches_interleave_rows():
+  x = np.arange(12)
+  np.testing.assert_array_equal(step_lib.micro_batches(x, 3),
+                                [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8, 11]])
+  with pytest.raises(ValueError, match="grad_accum_steps=5"):
+    step_lib.micro_batches(x, 5)
+
+
+def test_boxed_state_keeps_logical_axes_for_sharding():
+  config = _config()
+  model = models.get(config.student, 5)
+  tx = optim.make(config.optim, total_steps=10)
+  x = jnp.zeros((1, 1000, 12))
+  abstract = jax.eval_shape(loop.state_initializer(model, tx, config, x),
+                            jax.random.PRNGKey(0))
+  boxes = [x for x in jax.tree.leaves(
+      abstract.params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+           if isinstance(x, nn.LogicallyPartitioned)]
+  assert boxes and len(boxes) == len(jax.tree.leaves(abstract.params))
+  mu = abstract.opt_state[1][0].mu
+  mu_boxes = jax.tree.leaves(
+      mu, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  # Adam's moments carry their params' logical axes.
+  assert [b.names for b in mu_boxes] == [b.names for b in boxes]
