@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import os
 
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
 
 def directory(workdir: str) -> str:
-  return os.path.join(os.path.abspath(os.path.expanduser(workdir)),
-                      "checkpoints")
+  """`<workdir>/checkpoints`; a URL workdir (gs://...) is kept as is."""
+  if "://" not in workdir:
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+  return workdir.rstrip("/") + "/checkpoints"
 
 
 def latest_step(workdir: str) -> int | None:
   """Latest finished checkpoint step in `workdir`, or None."""
-  if not os.path.isdir(directory(workdir)):
+  if not epath.Path(directory(workdir)).is_dir():
     return None
   steps = ocp.utils.checkpoint_steps(directory(workdir))  # finalised only
   return max(steps) if steps else None
@@ -62,16 +65,24 @@ class Checkpointer:
 def load_params(workdir: str):
   """Params {"model": ...} of the latest checkpoint in `workdir` (read-only).
 
-  Used to load a frozen teacher: nothing is written to `workdir`.
+  Used to load a frozen teacher or a model to evaluate: nothing is written
+  to `workdir`. Restored onto this process's first device whatever the
+  topology that saved it (a pod run's checkpoint loads on a laptop).
   """
   step = latest_step(workdir)
   if step is None:
     raise FileNotFoundError(f"No checkpoint in {directory(workdir)}: expected "
                             "the workdir of a finished train_teacher run.")
   with ocp.CheckpointManager(
-      directory(workdir), item_names=("state", "data"),
+      directory(workdir),
+      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                     "data": ocp.JsonCheckpointHandler()},
       options=ocp.CheckpointManagerOptions(read_only=True,
                                            create=False)) as mngr:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        mngr.item_metadata(step)["state"])
     out = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))
+        state=ocp.args.StandardRestore(target)))
   return jax.tree.map(jax.numpy.asarray, out.state["params"])

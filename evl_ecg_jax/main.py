@@ -18,7 +18,16 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (outputs).")
 _DISTRIBUTED = flags.DEFINE_bool(
-    "jax_distributed", False, "Call jax.distributed.initialize() (multi-host).")
+    "jax_distributed", False,
+    "Call jax.distributed.initialize() (multi-host). On Cloud TPU VMs the "
+    "coordinator and process ids come from the TPU metadata; elsewhere set "
+    "the three flags below.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (multi-host).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Number of processes (multi-host).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "This process's id (multi-host).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -42,7 +51,9 @@ def main(argv):
   del argv
   if _DISTRIBUTED.value:
     import jax  # pylint: disable=g-import-not-at-top
-    jax.distributed.initialize()
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
   from evl_ecg_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from evl_ecg_jax.train import loop  # pylint: disable=g-import-not-at-top
   try:

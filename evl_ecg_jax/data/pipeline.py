@@ -1,9 +1,9 @@
 """grain input pipelines over TFDS array_record sources.
 
 Training: source (+ "label_mask" when only `label_fraction` of the records
-keep their labels) -> this process's shard -> seeded shuffle, reshuffled
-each epoch -> infinite repeat -> preprocessing -> seeded augmentations ->
-host-local batches. The iterator is checkpointable
+keep their labels) -> seeded shuffle, reshuffled each epoch -> infinite
+repeat -> preprocessing -> seeded augmentations -> host batches, of which
+this process reads its share of each global batch. The iterator is checkpointable
 (`get_state`/`set_state`), so a resumed run sees the same batches.
 Evaluation: this process's shard in order, final batch padded with a mask.
 """
@@ -158,16 +158,19 @@ def train_iterator(data_cfg, *, process_index=0, process_count=1,
     n = len(train)
     ds = ds.map_with_index(lambda i, ex: dict(ex, **{
         k: np.asarray(v[i % n]) for k, v in extra.items()}))
-  ds = _preprocessed(
-      ds[process_index::process_count]
-      .shuffle(seed=data_cfg.shuffle_seed)
-      .repeat(), data_cfg)
+  ds = _preprocessed(ds.shuffle(seed=data_cfg.shuffle_seed).repeat(),
+                     data_cfg)
   augment = transforms.make_augment(data_cfg.transforms,
                                     data_cfg.sampling_rate)
   if augment is not None:
     ds = ds.random_map(lambda ex, rng: dict(ex, ecg=augment(ex["ecg"], rng)),
                        seed=data_cfg.shuffle_seed)
-  ds = ds.batch(batch, drop_remainder=True)
+  # Global batch k is host batches k·P .. k·P + P - 1 of one shuffled
+  # stream: process p reads (lazily, only its own records) rows
+  # [p·b, (p + 1)·b) of every global batch, the rows its devices hold, so
+  # any process count trains on the same global batches, augmentations
+  # included (tests/train/multiprocess_test.py).
+  ds = ds.batch(batch, drop_remainder=True)[process_index::process_count]
   threads = data_cfg.prefetch_threads if read_threads is None else read_threads
   # The buffer counts elements of this dataset, i.e. whole batches.
   options = grain.ReadOptions(num_threads=threads,

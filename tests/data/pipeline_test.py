@@ -45,24 +45,29 @@ def test_restored_state_gives_the_same_next_batches(tfds_dir):
       np.testing.assert_array_equal(got[key], want[key])
 
 
-def test_process_shards_are_disjoint_cover_each_epoch_and_reshuffle(tfds_dir):
-  global_batch, processes = 8, 2
-  per_epoch = NUM_TRAIN // global_batch  # batches per process per epoch
-  epochs = []
-  for index in range(processes):
-    it = pipeline.train_iterator(_cfg(tfds_dir, batch_size=global_batch),
-                                 process_index=index,
-                                 process_count=processes)
-    ids = np.asarray(_ids(it, 2 * per_epoch)).reshape(2, -1)
-    assert ids.shape[1] == NUM_TRAIN // processes
-    epochs.append(ids)
-  for epoch in range(2):
-    first, second = (set(e[epoch]) for e in epochs)
-    assert not first & second  # disjoint shards
-    assert first | second == set(range(NUM_TRAIN))  # the whole epoch
-  # Each process sees its shard once per epoch, in a new order each epoch.
-  for ids in epochs:
-    assert set(ids[0]) == set(ids[1]) and list(ids[0]) != list(ids[1])
+def test_process_shards_tile_the_single_process_batches(tfds_dir):
+  """P processes together read exactly the global batches of one process.
+
+  Process p holds rows [p·b, (p + 1)·b) of each global batch (the rows of
+  its devices), so a run's batches do not depend on the process count.
+  Every epoch is a permutation of the records, reshuffled each epoch.
+  """
+  global_batch, processes = 8, 4
+  steps = 2 * NUM_TRAIN // global_batch + 3  # crosses two epoch boundaries
+  cfg = _cfg(tfds_dir, batch_size=global_batch)
+  cfg.transforms.update(noise_std=0.05)  # augmentations follow the rows
+  whole = list(itertools.islice(pipeline.train_iterator(cfg), steps))
+  shards = [list(itertools.islice(pipeline.train_iterator(
+      cfg, process_index=p, process_count=processes), steps))
+            for p in range(processes)]
+  for k, batch in enumerate(whole):
+    for key in ("id", "ecg", "labels"):
+      np.testing.assert_array_equal(
+          np.concatenate([shard[k][key] for shard in shards]), batch[key])
+  ids = np.concatenate([b["id"] for b in whole])
+  epoch0, epoch1 = ids[:NUM_TRAIN], ids[NUM_TRAIN:2 * NUM_TRAIN]
+  assert sorted(epoch0) == sorted(epoch1) == sorted(set(epoch0))
+  assert len(set(epoch0)) == NUM_TRAIN and list(epoch0) != list(epoch1)
 
 
 def test_augmented_stream_is_deterministic_and_resumable(tfds_dir):
