@@ -29,7 +29,12 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-slow: $(VENV)/.installed-dev
+# The slow checks include the TPU ahead-of-time compile: [tpu] adds libtpu.
+$(VENV)/.installed-tpu: setup.py | $(PY)
+	$(PY) -m pip install -q -e '.[dev,tpu]'
+	touch $@ $(VENV)/.installed-dev $(VENV)/.installed
+
+test-slow: $(VENV)/.installed-tpu
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 clean:

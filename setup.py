@@ -41,8 +41,11 @@ setuptools.setup(
             "POT>=0.9.4",
             "scikit-learn>=1.4",
         ],
-        # jax[tpu] pulls the libtpu wheel built for this exact jax release.
-        "tpu": [f"jax[tpu]=={JAX_VERSION}"],
+        # jax[tpu] pulls the libtpu wheel built for this exact jax release
+        # (also what evl_ecg_jax.aot compiles with on a CPU host); gs://
+        # workdirs need the GCS clients (orbax via gcsfs, TensorBoard).
+        "tpu": [f"jax[tpu]=={JAX_VERSION}", "gcsfs>=2024.2.0",
+                "google-cloud-storage>=2.14"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",
