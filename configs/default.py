@@ -238,6 +238,9 @@ def get_config(arg=None):
   config.eval_every_steps = 4 if arg.runlocal else 200
   config.ckpt_every_steps = 2 if arg.runlocal else 200
   config.ckpt = dict(max_to_keep=2)
+  # Consecutive steps with a non-finite loss or gradients (each skipped,
+  # params unchanged) after which the run stops with an error.
+  config.max_bad_steps = 10
   config.eval = dict(
       model="teacher" if arg.mode == "train_teacher" else "student",
       splits=("validation", "test"),

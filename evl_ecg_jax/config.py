@@ -103,7 +103,7 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int,
   _require(config.loss.mhca_heads > 0, "loss.mhca_heads",
            config.loss.mhca_heads, "a positive number of heads")
   for field in ("total_steps", "log_every_steps", "eval_every_steps",
-                "ckpt_every_steps"):
+                "ckpt_every_steps", "max_bad_steps"):
     _require(config[field] > 0, field, config[field], "a positive int")
   if config.mode != "evaluate":
     _require(config.optim.warmup_steps < config.total_steps,

@@ -58,6 +58,9 @@ def main(argv):
   from evl_ecg_jax.train import loop  # pylint: disable=g-import-not-at-top
   try:
     loop.fit(_CONFIG.value, _WORKDIR.value)
+  except loop.Preempted as e:
+    logging.warning("Preempted after step %s; checkpoint saved.", e)
+    sys.exit(0)
   except config_lib.ConfigError as e:
     logging.error("%s", e)
     sys.exit(f"Config error: {e}")

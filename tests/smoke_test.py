@@ -132,8 +132,9 @@ def test_baselines_train_through_the_same_step(teacher_dir, tfds_dir, tmp_path,
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     last = [json.loads(line) for line in f if "train/loss" in line][-1]
   logged = {k[len("train/"):] for k in last if k.startswith("train/")} - {
-      "loss", "ce", "grad_norm", "learning_rate"}
+      "loss", "ce", "grad_norm", "learning_rate", "skipped_steps"}
   assert logged == terms
+  assert last["train/skipped_steps"] == 0
   assert all(np.isfinite(v) for k, v in last.items() if k.startswith("train"))
   params = checkpoint.load_params(workdir)
   assert (set(params.get("heads", {})) or None) == heads

@@ -126,8 +126,16 @@ def train_step(state, teacher_params, batch, *, model, teacher, objective,
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
   metrics["grad_norm"] = optax.global_norm(grads)
-  return state.replace(step=state.step + 1, params=new_params,
-                       opt_state=opt_state), metrics
+  # Numerical guard: a step whose loss or gradients are not finite leaves
+  # params and optimizer state as they were (the step counter and the data
+  # move on); the host counts these steps (train/loop.py: NonFiniteGuard).
+  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+  keep = lambda new, old: jax.tree.map(
+      lambda n, o: jnp.where(finite, n, o), new, old)
+  metrics["finite"] = finite.astype(jnp.float32)
+  return state.replace(step=state.step + 1,
+                       params=keep(new_params, state.params),
+                       opt_state=keep(opt_state, state.opt_state)), metrics
 
 
 def predict_step(params, batch, *, model):

@@ -119,7 +119,7 @@ def test_step_metrics_and_teacher_frozen():
   for _ in range(2):  # the warmup schedule's learning rate at step 0 is 0
     new_state, metrics = p_step(new_state, teacher_params,
                                 parallel.split_batch(batch, 2))
-  assert set(metrics) == {"loss", "ce", "kd", "grad_norm"}
+  assert set(metrics) == {"loss", "ce", "kd", "grad_norm", "finite"}
   assert all(np.isfinite(float(v)) for v in metrics.values())
   jax.tree.map(np.testing.assert_array_equal, before,
                jax.device_get(teacher_params))
@@ -127,3 +127,35 @@ def test_step_metrics_and_teacher_frozen():
                          jax.device_get(new_state.params),
                          jax.device_get(_setup("kd")[0].params))
   assert all(jax.tree.leaves(changed))
+
+
+def test_non_finite_step_is_not_applied():
+  """A NaN in the batch: params and optimizer state stay, the step counts."""
+  state, teacher_params, batch, step = _setup("kd")
+  p_step = parallel.pmap_train_step(step, devices=jax.devices()[:2])
+  state, metrics = p_step(state, teacher_params,
+                          parallel.split_batch(batch, 2))
+  assert float(metrics["finite"]) == 1.0
+  before = jax.device_get(state)
+  bad = dict(batch, ecg=batch["ecg"].copy())
+  bad["ecg"][3, 10, 0] = np.nan
+  after, metrics = p_step(state, teacher_params, parallel.split_batch(bad, 2))
+  after = jax.device_get(after)
+  assert float(metrics["finite"]) == 0.0 and not np.isfinite(metrics["loss"])
+  assert int(after.step) == int(before.step) + 1
+  jax.tree.map(np.testing.assert_array_equal, after.params, before.params)
+  jax.tree.map(np.testing.assert_array_equal, after.opt_state,
+               before.opt_state)
+
+
+def test_guard_counts_skipped_steps_and_stops_after_k_in_a_row():
+  from evl_ecg_jax.train import loop  # pylint: disable=g-import-not-at-top
+  guard = loop.NonFiniteGuard(max_consecutive=3)
+  guard.check(1, np.float32(0.0), np.array([7, 8]))
+  guard.check(2, np.float32(1.0), np.array([9]))  # a good step resets
+  guard.check(3, np.float32(0.0), np.array([1]))
+  guard.check(4, np.float32(0.0), np.array([2]))
+  assert (guard.total, guard.consecutive) == (3, 2)
+  with pytest.raises(FloatingPointError,
+                     match=r"3 consecutive steps up to step 5.*\[5, 6\]"):
+    guard.check(5, np.float32(0.0), np.array([5, 6]))
