@@ -55,10 +55,11 @@ def main(argv):
                                num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
   from evl_ecg_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from evl_ecg_jax.train import guards  # pylint: disable=g-import-not-at-top
   from evl_ecg_jax.train import loop  # pylint: disable=g-import-not-at-top
   try:
     loop.fit(_CONFIG.value, _WORKDIR.value)
-  except loop.Preempted as e:
+  except guards.Preempted as e:
     logging.warning("Preempted after step %s; checkpoint saved.", e)
     sys.exit(0)
   except config_lib.ConfigError as e:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import signal
-import threading
 
 from absl import logging
 from etils import epath
@@ -24,6 +22,7 @@ from evl_ecg_jax import parallel
 from evl_ecg_jax.data import pipeline
 from evl_ecg_jax.eval import evaluate as evaluate_lib
 from evl_ecg_jax.log import MetricWriter
+from evl_ecg_jax.train import guards
 from evl_ecg_jax.train import optim
 from evl_ecg_jax.train import runner as runner_lib
 from evl_ecg_jax.train import state as state_lib
@@ -196,64 +195,6 @@ def fit(config, workdir: str) -> dict:
   return results
 
 
-class Preempted(Exception):
-  """Raised after the checkpoint of a preempted run is written (exit 0)."""
-
-
-class PreemptionNotice:
-  """SIGTERM (a TPU VM's preemption notice) -> stop at the next step
-  boundary. Only the main thread can install handlers; elsewhere this is a
-  no-op."""
-
-  def __init__(self):
-    self._flag = False
-    self._previous = None
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
-    return lambda: self._flag
-
-  def _on_signal(self, signum, frame):
-    del signum, frame
-    self._flag = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
-class NonFiniteGuard:
-  """Counts steps the train step skipped (non-finite loss or gradients).
-
-  Each one is logged with its batch's record ids; `max_consecutive` in a
-  row stop the run with FloatingPointError before anything else is saved,
-  so the last checkpoint holds the last good state.
-  """
-
-  def __init__(self, max_consecutive: int):
-    self.max_consecutive = max_consecutive
-    self.total = 0
-    self.consecutive = 0
-
-  def check(self, step: int, finite, ids) -> None:
-    if float(np.asarray(finite).reshape(-1)[0]) == 1.0:
-      self.consecutive = 0
-      return
-    self.total += 1
-    self.consecutive += 1
-    ids = np.asarray(ids).reshape(-1).tolist()
-    logging.warning("Step %d skipped (not applied): non-finite loss or "
-                    "gradients; batch record ids %s; %d in a row, %d in all.",
-                    step, ids, self.consecutive, self.total)
-    if self.consecutive >= self.max_consecutive:
-      raise FloatingPointError(
-          f"{self.consecutive} consecutive steps up to step {step} had a "
-          f"non-finite loss or gradients (config.max_bad_steps="
-          f"{self.max_consecutive}); last batch's record ids: {ids}. The "
-          "last checkpoint holds the last good state.")
-
-
 def _train(config, workdir, run, model, teacher, objective, example,
            predict):
   """Trains `model` (distilled from `teacher` if not None); returns params."""
@@ -288,13 +229,15 @@ def _train(config, workdir, run, model, teacher, objective, example,
   p_train = run.train_step(step_fn, teacher_abstract)
   schedule = optim.learning_rate_schedule(config.optim, config.total_steps)
   writer = MetricWriter(workdir)
-  guard = NonFiniteGuard(config.max_bad_steps)
+  guard = guards.NonFiniteGuard(config.max_bad_steps)
   start = int(state.step)
   bar = tqdm.trange(start, config.total_steps, initial=start,
                     total=config.total_steps, desc=f"{config.mode}",
                     disable=jax.process_index() != 0, dynamic_ncols=True)
-  pending = None  # the previous step's guard flag, read one step late
-  with PreemptionNotice() as preempted:
+  # Guard flags stay on device until the next log or checkpoint step, so
+  # reading them never stalls the dispatch of the following steps.
+  pending = []
+  with guards.PreemptionNotice() as preempted:
     try:
       for step in bar:
         batch = next(data_iter)
@@ -303,12 +246,9 @@ def _train(config, workdir, run, model, teacher, objective, example,
              if k in ("ecg", "labels", "label_mask")
              or k.startswith(teacher_cache.PREFIX)}))
         done = step + 1
-        if pending is not None:
-          guard.check(*pending)
-        pending = (done, metrics["finite"], batch["id"])
+        pending.append((done, metrics["finite"], batch["id"]))
         if done % config.log_every_steps == 0 or done == config.total_steps:
-          guard.check(*pending)
-          pending = None
+          guard.check_all(pending)
           metrics = {f"train/{k}": float(v) for k, v in metrics.items()
                      if k != "finite"}
           metrics["train/skipped_steps"] = guard.total
@@ -323,14 +263,12 @@ def _train(config, workdir, run, model, teacher, objective, example,
         stop = preempted()
         if (done % config.ckpt_every_steps == 0 or done == config.total_steps
             or stop):
-          if pending is not None:  # never checkpoint past an unchecked step
-            guard.check(*pending)
-            pending = None
+          guard.check_all(pending)  # never checkpoint an unchecked step
           ckpt.save(done, run.checkpointable(state), data_iter.get_state())
         if stop:
           logging.warning("Preemption notice (SIGTERM): saved step %d; "
                           "rerun the same command to resume.", done)
-          raise Preempted(done)
+          raise guards.Preempted(done)
     finally:
       ckpt.close()  # waits for in-flight async saves
       writer.close()

@@ -11,6 +11,7 @@ import pytest
 from evl_ecg_jax import losses
 from evl_ecg_jax import models
 from evl_ecg_jax import parallel
+from evl_ecg_jax.train import guards
 from evl_ecg_jax.train import optim
 from evl_ecg_jax.train import state as state_lib
 from evl_ecg_jax.train import step as step_lib
@@ -149,8 +150,7 @@ def test_non_finite_step_is_not_applied():
 
 
 def test_guard_counts_skipped_steps_and_stops_after_k_in_a_row():
-  from evl_ecg_jax.train import loop  # pylint: disable=g-import-not-at-top
-  guard = loop.NonFiniteGuard(max_consecutive=3)
+  guard = guards.NonFiniteGuard(max_consecutive=3)
   guard.check(1, np.float32(0.0), np.array([7, 8]))
   guard.check(2, np.float32(1.0), np.array([9]))  # a good step resets
   guard.check(3, np.float32(0.0), np.array([1]))
