@@ -142,12 +142,12 @@ def compile_step(config, topology_name: str, batch_size: int = 0,
       temporaries_gib=mem.temp_size_in_bytes / gib,
       peak_gib=peak / gib, fits=peak / gib <= report["hbm_per_chip_gib"])
   report.update(_flops(config, batch, student, teacher, objective, example,
-                       compiled, topo, _sinkhorn_flops))
+                       compiled, topo))
   return report
 
 
 def _flops(config, batch, student, teacher, objective, example, compiled,
-           topo, sinkhorn_flops) -> dict:
+           topo) -> dict:
   """Model FLOPs of one step (see the module docstring) and step times."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -174,8 +174,9 @@ def _flops(config, batch, student, teacher, objective, example, compiled,
   loss_flops = float(loss_grad.lower(heads, s_out, t_out, labels)
                      .cost_analysis()["flops"])
   tokens = lambda out, tap: out[1][tap].shape[1] if tap in out[1] else 0
-  ot = sinkhorn_flops(config, batch, tokens(t_out, config.loss.teacher_ot_tap),
-                      tokens(s_out, config.loss.student_ot_tap))
+  ot = _sinkhorn_flops(config, batch,
+                       tokens(t_out, config.loss.teacher_ot_tap),
+                       tokens(s_out, config.loss.student_ot_tap))
   model = batch * (3 * s_fwd + t_fwd) + loss_flops + ot
   xla = compiled.cost_analysis()
   xla = xla[0] if isinstance(xla, (list, tuple)) else xla

@@ -58,6 +58,11 @@ def pmap_predict(predict_fn, devices=None):
                   devices=devices)
 
 
+def _replicated(devices) -> jax.sharding.NamedSharding:
+  mesh = jax.sharding.Mesh(np.asarray(devices), (AXIS,))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
 def replicate(tree, devices=None):
   """Places `tree` once, replicated over `devices` (default: local devices).
 
@@ -65,9 +70,7 @@ def replicate(tree, devices=None):
   not copied again on each call, e.g. the frozen teacher's params.
   """
   devices = jax.local_devices() if devices is None else devices
-  mesh = jax.sharding.Mesh(np.asarray(devices), (AXIS,))
-  return jax.device_put(tree, jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec()))
+  return jax.device_put(tree, _replicated(devices))
 
 
 def _rebuild(tree, sharding):
@@ -80,31 +83,26 @@ def _rebuild(tree, sharding):
   return jax.tree.map(rebuild, tree)
 
 
+def global_replicated_sharding():
+  """Where a multi-process pmap run restores its state (None: 1 process)."""
+  if jax.process_count() == 1:
+    return None
+  return _replicated(jax.devices())
+
+
 def global_replicated(tree):
   """pmap's process-local replicated arrays -> one replicated array over
   every process's devices (what orbax saves in a multi-process run)."""
   if jax.process_count() == 1:
     return tree
-  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), (AXIS,))
-  return _rebuild(tree, jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec()))
-
-
-def global_replicated_sharding():
-  """Where a multi-process pmap run restores its state (None: 1 process)."""
-  if jax.process_count() == 1:
-    return None
-  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), (AXIS,))
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return _rebuild(tree, global_replicated_sharding())
 
 
 def local_replicated(tree):
   """Inverse of `global_replicated`: this process's devices' copies."""
   if jax.process_count() == 1:
     return replicate(tree)
-  mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), (AXIS,))
-  return _rebuild(tree, jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec()))
+  return _rebuild(tree, _replicated(jax.local_devices()))
 
 
 def split_batch(batch, num_devices: int):
@@ -249,7 +247,12 @@ def host_local_batch(batch, sharding):
       lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
-def same_on_every_process(batch, sharding):
-  """A host array every process holds in full -> a global jax.Array."""
-  return jax.tree.map(lambda x: jax.make_array_from_callback(
-      x.shape, sharding, lambda idx: x[idx]), batch)
+def same_on_every_process(tree, shardings):
+  """Host arrays every process holds in full -> global jax.Arrays.
+
+  `shardings`: one sharding for every leaf, or a tree of them.
+  """
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: shardings, tree)
+  return jax.tree.map(lambda x, s: jax.make_array_from_callback(
+      x.shape, s, lambda idx: np.asarray(x[idx])), tree, shardings)

@@ -67,15 +67,15 @@ def state_initializer(model, tx, config, example_ecg, objective=None,
   return init
 
 
-def load_teacher_params(config, run, teacher, input_shape):
+def load_teacher_params(config, run, teacher_abstract):
   """Frozen teacher params, cast to `config.teacher.frozen_param_dtype`
   (e.g. bfloat16 halves their memory; no optimizer state is ever created
   for them) and placed by the runner (replicated, or sharded like a
-  trained model under parallel=spmd)."""
+  trained model under parallel=spmd) from their boxed abstract variables."""
   dtype = jnp.dtype(config.teacher.frozen_param_dtype)
   params = jax.tree.map(lambda x: np.asarray(x, dtype),
                         checkpoint.load_params(config.teacher.init)["model"])
-  return run.place_params(params, _abstract(teacher, input_shape, dtype))
+  return run.place_params(params, teacher_abstract)
 
 
 def _abstract(model, input_shape, dtype=None):
@@ -202,7 +202,7 @@ def _train(config, workdir, run, model, teacher, objective, example,
   if teacher is not None:
     teacher_abstract = _abstract(
         teacher, example.shape, jnp.dtype(config.teacher.frozen_param_dtype))
-    teacher_params = load_teacher_params(config, run, teacher, example.shape)
+    teacher_params = load_teacher_params(config, run, teacher_abstract)
   tx = optim.make(config.optim, config.total_steps)
   init = state_initializer(model, tx, config, example, objective, teacher)
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.ckpt.max_to_keep)

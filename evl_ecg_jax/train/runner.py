@@ -108,11 +108,8 @@ class Spmd:
   def place_params(self, params, abstract_variables):
     """Model params (a frozen teacher: no optimizer state) sharded by their
     logical axes; `params` are host arrays every process holds."""
-    shardings = self.shardings(abstract_variables)["params"]
-    return jax.tree.map(
-        lambda x, s: jax.make_array_from_callback(
-            x.shape, s, lambda idx, x=x: np.asarray(x[idx])), params,
-        shardings)
+    return parallel.same_on_every_process(
+        params, self.shardings(abstract_variables)["params"])
 
   def teacher_shardings(self, abstract_variables):
     return (None if abstract_variables is None
