@@ -189,7 +189,8 @@ def get_config(arg=None):
       rules=(("batch", ("data", "fsdp")), ("length", None),
              ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
              ("kv", None), ("channels_in", "fsdp"), ("channels", "tensor"),
-             ("conv_window", None), ("classes", None), ("norm", None)),
+             ("conv_window", None), ("classes", None), ("norm", None),
+             ("vocab", "tensor"), ("kv_heads", "tensor")),  # (VLM decoder)
   )
 
   # L = (1 − α)·L_CE + α·(λ_kd·L_kd + λ_m·L_mhca + λ_r·L_rel + λ_ot·L_ot)
@@ -237,12 +238,17 @@ def get_config(arg=None):
   config.log_every_steps = 2 if arg.runlocal else 50
   config.eval_every_steps = 4 if arg.runlocal else 200
   config.ckpt_every_steps = 2 if arg.runlocal else 200
-  config.ckpt = dict(max_to_keep=2)
+  # Orbax keeps the last max_to_keep steps plus the one with the best
+  # best_metric (a metric of eval.splits[0], computed at eval steps and the
+  # last step; "" keeps the last steps only).
+  config.ckpt = dict(max_to_keep=2, best_metric="validation/macro_auc",
+                     best_mode="max")
   # Consecutive steps with a non-finite loss or gradients (each skipped,
   # params unchanged) after which the run stops with an error.
   config.max_bad_steps = 10
   config.eval = dict(
       model="teacher" if arg.mode == "train_teacher" else "student",
       splits=("validation", "test"),
+      checkpoint="latest",  # mode=evaluate reads the "latest" or "best" step.
   )
   return config

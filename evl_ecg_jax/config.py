@@ -51,7 +51,8 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   return out
 
 
-def _require(cond: bool, field: str, value: Any, expected: str) -> None:
+def require(cond: bool, field: str, value: Any, expected: str) -> None:
+  """Raises ConfigError 'config.<field>=<value>: expected <expected>.'."""
   if not cond:
     raise ConfigError(f"config.{field}={value!r}: expected {expected}.")
 
@@ -63,63 +64,114 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int,
   Args:
     config: the run config (see configs/default.py for every field).
     num_devices: global number of devices the batch is split over.
-    model_names: registry of model names (`models.MODELS`).
+    model_names: registry of model names (`models.MODELS`) that
+      `config.{teacher,student}.name` must be in; empty: not checked (the
+      VLM configs name presets, checked by vlm/fit.py).
     has_checkpoint: callable(path) -> bool telling whether a workdir holds a
       checkpoint; used for `teacher.init` in distill mode.
 
   Raises:
     ConfigError naming the field, its value and what was expected.
   """
-  _require(config.mode in MODES, "mode", config.mode, f"one of {MODES}")
-  for block in ("teacher", "student"):
+  require(config.mode in MODES, "mode", config.mode, f"one of {MODES}")
+  for block in ("teacher", "student") if model_names else ():
     name = config[block].name
-    _require(name in model_names, f"{block}.name", name,
+    require(name in model_names, f"{block}.name", name,
              f"a registered model {sorted(model_names)}")
   manual_dir = config.data.manual_dir
-  _require(not manual_dir or os.path.isdir(os.path.expanduser(manual_dir)),
+  require(not manual_dir or os.path.isdir(os.path.expanduser(manual_dir)),
            "data.manual_dir", manual_dir,
            "an existing folder holding the dataset in its official layout")
-  _require(config.parallel in PARALLEL, "parallel", config.parallel,
+  require(config.parallel in PARALLEL, "parallel", config.parallel,
            f"one of {PARALLEL}")
+  check_mesh(config.sharding, num_devices)
   if config.parallel == "pmap":
     check_batch(config, num_devices, 1)
   else:
-    _require(not config.teacher.cache_features, "teacher.cache_features",
+    require(not config.teacher.cache_features, "teacher.cache_features",
              config.teacher.cache_features, "False with parallel='spmd' (the "
              "cache is written by a pmapped, replicated teacher)")
-  _require(0.0 <= config.loss.alpha <= 1.0, "loss.alpha", config.loss.alpha,
+  require(0.0 <= config.loss.alpha <= 1.0, "loss.alpha", config.loss.alpha,
            "α in [0, 1]")
-  _require(config.loss.kd_temperature > 0, "loss.kd_temperature",
+  require(config.loss.kd_temperature > 0, "loss.kd_temperature",
            config.loss.kd_temperature, "a positive temperature")
   for field in sorted(k for k in config.loss if k.endswith("_weight")):
-    _require(config.loss[field] >= 0, f"loss.{field}", config.loss[field],
+    require(config.loss[field] >= 0, f"loss.{field}", config.loss[field],
              "a weight >= 0 (0 switches the term off)")
-  _require(config.loss.ot_epsilon > 0, "loss.ot_epsilon",
+  require(config.loss.ot_epsilon > 0, "loss.ot_epsilon",
            config.loss.ot_epsilon, "ε > 0 (absolute, on squared distances "
            "of unit-norm tokens, C in [0, 4])")
-  _require(config.loss.ot_plan_gradient in ("implicit", "stop"),
+  require(config.loss.ot_plan_gradient in ("implicit", "stop"),
            "loss.ot_plan_gradient", config.loss.ot_plan_gradient,
            "'implicit' or 'stop'")
-  _require(config.loss.mhca_heads > 0, "loss.mhca_heads",
+  require(config.loss.mhca_heads > 0, "loss.mhca_heads",
            config.loss.mhca_heads, "a positive number of heads")
   for field in ("total_steps", "log_every_steps", "eval_every_steps",
                 "ckpt_every_steps", "max_bad_steps"):
-    _require(config[field] > 0, field, config[field], "a positive int")
+    require(config[field] > 0, field, config[field], "a positive int")
   if config.mode != "evaluate":
-    _require(config.optim.warmup_steps < config.total_steps,
+    require(config.optim.warmup_steps < config.total_steps,
              "optim.warmup_steps", config.optim.warmup_steps,
              f"fewer than total_steps={config.total_steps}")
-  _require(config.eval.model in ("teacher", "student"), "eval.model",
+  require(config.eval.model in ("teacher", "student"), "eval.model",
            config.eval.model, "'teacher' or 'student'")
+  require(config.eval.checkpoint in ("latest", "best"), "eval.checkpoint",
+           config.eval.checkpoint, "'latest' or 'best'")
+  require(config.ckpt.max_to_keep >= 1, "ckpt.max_to_keep",
+           config.ckpt.max_to_keep, "an int >= 1")
+  require(config.ckpt.best_mode in ("max", "min"), "ckpt.best_mode",
+           config.ckpt.best_mode, "'max' or 'min'")
+  metric = config.ckpt.best_metric
+  require(not metric or (config.eval.splits and metric.startswith(
+      config.eval.splits[0] + "/")), "ckpt.best_metric", metric,
+           "'' or a metric of the split evaluated during training, "
+           f"eval.splits[0]={tuple(config.eval.splits)[:1]}, e.g. "
+           "'validation/macro_auc'")
   if config.mode == "distill" and config.loss.alpha > 0:
     init = config.teacher.init
-    _require(bool(init), "teacher.init", init,
+    require(bool(init), "teacher.init", init,
              "the workdir of a finished train_teacher run (α > 0 needs a "
              "teacher)")
-    _require(has_checkpoint is None or has_checkpoint(init), "teacher.init",
+    require(has_checkpoint is None or has_checkpoint(init), "teacher.init",
              init, "a workdir holding a teacher checkpoint (written by "
              "--config.mode=train_teacher); none found at "
              f"{os.path.abspath(os.path.expanduser(init))}")
+
+
+def mesh_sizes(axes, shape, num_devices: int) -> tuple[int, ...]:
+  """The mesh shape with its -1 resolved, checked against the devices.
+
+  One axis may be -1 (the remaining devices); the sizes must multiply to
+  exactly `num_devices`. Errors name `config.sharding.mesh_shape`.
+  """
+  axes, shape = tuple(axes), tuple(shape)
+  require(len(set(axes)) == len(axes) and len(axes) == len(shape),
+           "sharding.mesh_shape", shape,
+           f"one size per distinct mesh axis of {axes}")
+  require(all(n == -1 or n >= 1 for n in shape) and shape.count(-1) <= 1,
+           "sharding.mesh_shape", shape,
+           "sizes >= 1, at most one -1 (the remaining devices)")
+  fixed = 1
+  for n in shape:
+    fixed *= max(n, 1)
+  require(num_devices % fixed == 0 if -1 in shape else fixed == num_devices,
+           "sharding.mesh_shape", shape, f"sizes whose product is the "
+           f"{num_devices} devices (or divides them, with one -1)")
+  sizes = tuple(num_devices // fixed if n == -1 else n for n in shape)
+  return sizes
+
+
+def check_mesh(sharding: ml_collections.ConfigDict, num_devices: int) -> None:
+  """`mesh_sizes`, and every mesh axis a logical rule names is a mesh axis."""
+  mesh_sizes(sharding.mesh_axes, sharding.mesh_shape, num_devices)
+  for logical, mesh_axes in sharding.rules:
+    targets = (mesh_axes if isinstance(mesh_axes, (tuple, list))
+               else (mesh_axes,))
+    unknown = [a for a in targets if a is not None
+               and a not in sharding.mesh_axes]
+    require(not unknown, "sharding.rules", (logical, mesh_axes),
+             f"mesh axes among {tuple(sharding.mesh_axes)} (unknown: "
+             f"{unknown})")
 
 
 def check_batch(config: ml_collections.ConfigDict, batch_shards: int,
@@ -131,16 +183,16 @@ def check_batch(config: ml_collections.ConfigDict, batch_shards: int,
   `grad_accum_steps` micro-batches; each process reads a whole share.
   """
   accum = config.grad_accum_steps
-  _require(accum >= 1, "grad_accum_steps", accum, "an int >= 1")
+  require(accum >= 1, "grad_accum_steps", accum, "an int >= 1")
   size = config.data.batch_size
-  _require(size > 0 and size % (batch_shards * accum) == 0,
+  require(size > 0 and size % (batch_shards * accum) == 0,
            "data.batch_size", size,
            f"a positive multiple of the {batch_shards} batch shards "
            f"(devices, or the mesh axes of the 'batch' rule) x "
            f"grad_accum_steps={accum}")
-  _require(size % process_count == 0, "data.batch_size", size,
+  require(size % process_count == 0, "data.batch_size", size,
            f"a multiple of the {process_count} processes")
   size = config.data.eval_batch_size
-  _require(size > 0 and size % batch_shards == 0, "data.eval_batch_size",
+  require(size > 0 and size % batch_shards == 0, "data.eval_batch_size",
            size, f"a positive multiple of the {batch_shards} batch shards "
            "(devices, or the mesh axes of the 'batch' rule)")

@@ -25,6 +25,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from evl_ecg_jax import config as config_lib
+
 AXIS = "data"
 
 
@@ -128,16 +130,7 @@ def make_mesh(axes, shape, devices=None) -> jax.sharding.Mesh:
   sharded batches with Explicit axes.
   """
   devices = jax.devices() if devices is None else list(devices)
-  shape = list(shape)
-  fixed = math.prod(n for n in shape if n != -1)
-  if shape.count(-1) > 1 or len(devices) % fixed:
-    raise ValueError(f"config.sharding.mesh_shape={tuple(shape)}: expected "
-                     f"at most one -1 and sizes whose product divides the "
-                     f"{len(devices)} devices.")
-  shape = [len(devices) // fixed if n == -1 else n for n in shape]
-  if math.prod(shape) != len(devices):
-    raise ValueError(f"config.sharding.mesh_shape={tuple(shape)} uses "
-                     f"{math.prod(shape)} of the {len(devices)} devices.")
+  shape = config_lib.mesh_sizes(axes, shape, len(devices))
   return jax.make_mesh(tuple(shape), tuple(axes), devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
 

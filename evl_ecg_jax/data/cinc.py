@@ -103,7 +103,7 @@ def read_record(path: str):
 
   Raises BadRecord naming the record for a missing/unreadable file, a lead
   set other than the 12 standard leads, a shape that disagrees with the
-  header, or non-finite samples.
+  header, a non-numeric dtype, or non-finite samples.
   """
   import scipy.io  # pylint: disable=g-import-not-at-top
   import wfdb  # pylint: disable=g-import-not-at-top
@@ -116,6 +116,10 @@ def read_record(path: str):
     val = scipy.io.loadmat(path + ".mat")["val"]
   except Exception as e:  # wfdb and scipy raise many types on bad files.
     raise BadRecord(f"record {name}: unreadable: {e}") from None
+  if not (np.issubdtype(val.dtype, np.integer)
+          or np.issubdtype(val.dtype, np.floating)):
+    raise BadRecord(f"record {name}: .mat 'val' has dtype {val.dtype}, "
+                    "expected integer or float samples.")
   leads = tuple(n.upper() for n in header.sig_name)
   if leads != LEADS:
     raise BadRecord(f"record {name}: leads {leads}, expected {LEADS}.")

@@ -74,14 +74,16 @@ class DistillHeads(nn.Module):
   mhca_qkv_features: Optional[int] = None
 
   @nn.compact
-  def __call__(self, s_feats, t_feats):
-    tap = dict(self.taps)
+  def __call__(self, s_feats, t_feats, masks=None):
+    tap, masks = dict(self.taps), masks or {}
     h_s, h_t = s_feats.get(tap["student_hidden"]), t_feats.get(
         tap["teacher_hidden"])
     out = {}
     if self.aligner:
       out["aligned"], out["reconstruction"] = mhca.MHCAAligner(
-          self.mhca_heads, self.mhca_qkv_features, name="aligner")(h_s, h_t)
+          self.mhca_heads, self.mhca_qkv_features, name="aligner")(
+              h_s, h_t, teacher_mask=masks.get("teacher_hidden"),
+              student_mask=masks.get("student_hidden"))
     if self.ot_projection:
       out["ot_student"] = nn.Dense(
           t_feats[tap["teacher_ot"]].shape[-1], name="ot_projection")(
@@ -120,7 +122,8 @@ class Objective:
   `student_out`/`teacher_out` are a model's `(logits, {tap: hidden})` pair;
   `teacher_out` is only read when α > 0 (it may be None otherwise) and
   `head_params` only when `heads` is not None. `terms` holds every computed
-  term, unweighted, for logging.
+  term, unweighted, for logging. `combine` is the same sum around any task
+  loss (e.g. the token CE of a language model, with sequence masks).
   """
   alpha: float
   weights: dict  # term name -> λ (only non-zero ones).
@@ -158,26 +161,34 @@ class Objective:
     return self.heads.init(rng, student_feats, teacher_feats)["params"]
 
   def distill_terms(self, head_params, student_out, teacher_out, labels=None,
-                    label_mask=None):
-    """Unweighted distillation terms {name: scalar}."""
+                    label_mask=None, masks=None):
+    """Unweighted distillation terms {name: scalar}.
+
+    `masks` (sequences of different lengths, e.g. two tokenizers) maps
+    "student_hidden"/"teacher_hidden" to [B, L] bool valid-token masks of
+    the hidden taps and "student_logits"/"teacher_logits" to the positions
+    ULD compares; None: every position counts.
+    """
     (s_logits, s_feats), (t_logits, t_feats) = student_out, teacher_out
     t_logits, t_feats = jax.lax.stop_gradient((t_logits, t_feats))
-    w, tap, temp = self.weights, self.taps, self.kd_temperature
-    head = ({} if self.heads is None else
-            self.heads.apply({"params": head_params}, s_feats, t_feats))
+    w, tap, temp, masks = self.weights, self.taps, self.kd_temperature, (
+        masks or {})
+    head = ({} if self.heads is None else self.heads.apply(
+        {"params": head_params}, s_feats, t_feats, masks))
     h_s, h_t = s_feats.get(tap["student_hidden"]), t_feats.get(
         tap["teacher_hidden"])
+    s_mask = masks.get("student_hidden")
     terms = {}
     if "kd" in w:
       terms["kd"] = kd.logit_kd_loss(t_logits, s_logits, temperature=temp)
     if "aligned" in head:
       aligned = jax.lax.stop_gradient(head["aligned"])
       terms["mhca_reconstruction"] = mhca.mhca_reconstruction_loss(
-          h_t, head["reconstruction"])
+          h_t, head["reconstruction"], mask=masks.get("teacher_hidden"))
       if "mhca" in w:
-        terms["mhca"] = mhca.mhca_loss(h_s, aligned)
+        terms["mhca"] = mhca.mhca_loss(h_s, aligned, mask=s_mask)
       if "relation" in w:
-        terms["relation"] = relation.relation_loss(aligned, h_s)
+        terms["relation"] = relation.relation_loss(aligned, h_s, mask=s_mask)
     if "ot" in w:
       terms["ot"] = ot.ot_loss(unit_tokens(t_feats[tap["teacher_ot"]]),
                                unit_tokens(head["ot_student"]),
@@ -196,19 +207,29 @@ class Objective:
           t_logits, s_logits, dkd_targets(labels, t_logits, label_mask),
           alpha=self.dkd_alpha, beta=self.dkd_beta, temperature=temp)
     if "uld" in w:
-      terms["uld"] = kd.uld_loss(t_logits, s_logits, temperature=temp)
+      terms["uld"] = kd.uld_loss(
+          t_logits, s_logits, temperature=temp,
+          teacher_mask=masks.get("teacher_logits"),
+          student_mask=masks.get("student_logits"))
     return terms
+
+  def combine(self, task_loss, head_params, student_out, teacher_out, *,
+              labels=None, label_mask=None, masks=None):
+    """(L, terms): Eq. 9 around `task_loss`, the distillation terms only
+    when α > 0."""
+    distill = {}
+    if self.alpha > 0:
+      distill = self.distill_terms(head_params, student_out, teacher_out,
+                                   labels, label_mask, masks)
+    total = evl_loss(task_loss, distill, alpha=self.alpha,
+                     weights=self.term_weights)
+    return total, {"ce": task_loss, **distill}
 
   def __call__(self, head_params, student_out, teacher_out, labels,
                label_mask=None):
     ce = task.sigmoid_bce_loss(student_out[0], labels, mask=label_mask)
-    distill = {}
-    if self.alpha > 0:
-      distill = self.distill_terms(head_params, student_out, teacher_out,
-                                   labels, label_mask)
-    total = evl_loss(ce, distill, alpha=self.alpha,
-                     weights=self.term_weights)
-    return total, {"ce": ce, **distill}
+    return self.combine(ce, head_params, student_out, teacher_out,
+                        labels=labels, label_mask=label_mask)
 
 
 def make_objective(*, alpha: float, kd_weight: float = 0.0,

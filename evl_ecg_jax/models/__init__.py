@@ -85,16 +85,21 @@ def flops_per_example(model: nn.Module, input_shape: Sequence[int]) -> float:
   return float(lowered.cost_analysis()["flops"])
 
 
-def tap_names(model: nn.Module, input_shape: Sequence[int]) -> list[str]:
-  """Every feature tap `model` offers (sorted)."""
+def tap_shapes(model: nn.Module, input_shape: Sequence[int]) -> dict:
+  """{tap: shape} of every feature tap `model` offers (no allocation)."""
   variables = abstract_variables(model, input_shape)
   x = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
   _, feats = jax.eval_shape(
       lambda v, e: model.apply(v, e, taps=None), variables, x)
-  return sorted(feats)
+  return {name: tuple(f.shape) for name, f in feats.items()}
+
+
+def tap_names(model: nn.Module, input_shape: Sequence[int]) -> list[str]:
+  """Every feature tap `model` offers (sorted)."""
+  return sorted(tap_shapes(model, input_shape))
 
 
 __all__ = ["CNN1D", "ConvNeXt1D", "LEADS", "MODELS", "ViT1D", "XResNet1D",
            "abstract_variables", "count_params", "flops_per_example", "get",
            "init_params",
-           "presets", "tap_names"]
+           "presets", "tap_names", "tap_shapes"]

@@ -13,7 +13,27 @@ import jax.numpy as jnp
 import optax
 
 
-def teacher_outputs(teacher, teacher_params, batch, taps):
+class SignalTask:
+  """ECG classification: models read batch["ecg"]; the task loss is the
+  objective's multi-label BCE on batch["labels"] (masked by "label_mask").
+
+  A task tells the step what a model reads from the batch (`inputs`) and
+  how the objective scores the outputs (`loss`); vlm/task.py is the
+  vision-language one.
+  """
+
+  @staticmethod
+  def inputs(batch, role):
+    del role
+    return (batch["ecg"],), {}
+
+  @staticmethod
+  def loss(objective, head_params, student_out, teacher_out, batch):
+    return objective(head_params, student_out, teacher_out, batch["labels"],
+                     batch.get("label_mask"))
+
+
+def teacher_outputs(teacher, teacher_params, batch, taps, task=SignalTask):
   """(logits, {tap: hidden}) of the frozen teacher, or None without one.
 
   Cached outputs in the batch ("teacher/logits", "teacher/<tap>", from
@@ -24,8 +44,9 @@ def teacher_outputs(teacher, teacher_params, batch, taps):
                                      for tap in taps}
   if teacher is None:
     return None
-  return jax.lax.stop_gradient(teacher.apply({"params": teacher_params},
-                                             batch["ecg"], taps=taps))
+  args, kwargs = task.inputs(batch, "teacher")
+  return jax.lax.stop_gradient(teacher.apply(
+      {"params": teacher_params}, *args, taps=taps, **kwargs))
 
 
 def micro_batches(x, accum_steps: int):
@@ -44,7 +65,7 @@ def micro_batches(x, accum_steps: int):
 
 
 def train_step(state, teacher_params, batch, *, model, teacher, objective,
-               tx, axis_name="data", accum_steps=1):
+               tx, axis_name="data", accum_steps=1, task=SignalTask):
   """One optimiser step on this device's shard of the batch.
 
   Args:
@@ -64,6 +85,8 @@ def train_step(state, teacher_params, batch, *, model, teacher, objective,
     tx: optax transformation.
     axis_name: the data-parallel axis of the wrapper, or None under jit on
       a mesh (the batch is then global; no explicit collectives).
+    task: what the models read from the batch and how the objective
+      scores them (`SignalTask`, or vlm.task.VLMTask).
     accum_steps: gradient accumulation: the batch is split into this many
       micro-batches (`micro_batches`), run one after the other in a
       `lax.scan`, and their gradients and metrics are averaged in float32
@@ -86,14 +109,14 @@ def train_step(state, teacher_params, batch, *, model, teacher, objective,
 
   def grads_and_metrics(micro, micro_rng):
     t_out = teacher_outputs(teacher, teacher_params, micro,
-                            objective.model_taps("teacher"))
+                            objective.model_taps("teacher"), task)
+    args, kwargs = task.inputs(micro, "student")
 
     def loss_fn(p):
-      out = model.apply({"params": p["model"]}, micro["ecg"], train=True,
+      out = model.apply({"params": p["model"]}, *args, train=True,
                         rngs={"dropout": micro_rng},
-                        taps=objective.model_taps("student"))
-      return objective(p.get("heads"), out, t_out, micro["labels"],
-                       micro.get("label_mask"))
+                        taps=objective.model_taps("student"), **kwargs)
+      return task.loss(objective, p.get("heads"), out, t_out, micro)
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return grads, {"loss": loss, **terms}

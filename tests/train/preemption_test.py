@@ -1,8 +1,11 @@
-"""SIGTERM (a preemption notice) saves at the next step and exits 0; the
-same command resumes and ends bit-identical to an uninterrupted run."""
+"""Preemption and crashes: SIGTERM (a preemption notice) saves at the next
+step and exits 0; SIGKILL at a random step loses only the steps after the
+last checkpoint. Either way the same command resumes and ends with params
+bit-identical to an uninterrupted run (CPU, one device)."""
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -10,6 +13,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from conftest import REPO
 from evl_ecg_jax import checkpoint
@@ -17,14 +21,14 @@ from evl_ecg_jax import checkpoint
 STEPS = 60
 
 
-def _start(workdir, tfds_dir):
+def _start(workdir, tfds_dir, ckpt_every=STEPS):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=1")
   return subprocess.Popen(
       [sys.executable, "-m", "evl_ecg_jax.main",
        "--config=configs/default.py:mode=train_teacher,runlocal",
        f"--config.data.data_dir={tfds_dir}", f"--workdir={workdir}",
-       f"--config.total_steps={STEPS}", f"--config.ckpt_every_steps={STEPS}",
+       f"--config.total_steps={STEPS}", f"--config.ckpt_every_steps={ckpt_every}",
        f"--config.eval_every_steps={STEPS}", "--config.log_every_steps=1"],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
       text=True)
@@ -44,15 +48,26 @@ def _logged_steps(workdir):
     return [json.loads(line)["step"] for line in f if line.strip()]
 
 
-def test_sigterm_saves_exits_zero_and_resumes_exactly(tfds_dir, tmp_path):
-  whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
-  _finish(_start(whole, tfds_dir))
+@pytest.fixture(scope="module")
+def whole(tfds_dir, tmp_path_factory):
+  """An uninterrupted run's workdir."""
+  workdir = str(tmp_path_factory.mktemp("whole"))
+  _finish(_start(workdir, tfds_dir))
+  return workdir
 
-  proc = _start(cut, tfds_dir)
+
+def _wait_for_step(proc, workdir, step):
   deadline = time.time() + 300
-  while len(_logged_steps(cut)) < 5 and time.time() < deadline:
+  while len(_logged_steps(workdir)) < step and time.time() < deadline:
     assert proc.poll() is None, proc.communicate()[0][-3000:]
-    time.sleep(0.2)
+    time.sleep(0.05)
+
+
+def test_sigterm_saves_exits_zero_and_resumes_exactly(whole, tfds_dir,
+                                                      tmp_path):
+  cut = str(tmp_path / "cut")
+  proc = _start(cut, tfds_dir)
+  _wait_for_step(proc, cut, 5)
   proc.send_signal(signal.SIGTERM)
   out = _finish(proc)
   saved = checkpoint.latest_step(cut)
@@ -66,3 +81,25 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(tfds_dir, tmp_path):
                checkpoint.load_params(whole))
   steps = _logged_steps(cut)
   assert steps[-1] == STEPS and set(range(1, STEPS + 1)) <= set(steps)
+
+
+def test_sigkill_at_a_random_step_resumes_exactly(whole, tfds_dir, tmp_path):
+  """Checkpoints every 7 steps (async); killed at a random step, possibly
+  mid-save. The rerun restores the last finished checkpoint (never a
+  partial one) and replays the lost steps with the same data and RNG."""
+  cut = str(tmp_path / "cut")
+  kill_at = random.randrange(9, STEPS - 5)
+  proc = _start(cut, tfds_dir, ckpt_every=7)
+  _wait_for_step(proc, cut, kill_at)
+  proc.kill()
+  proc.communicate(timeout=60)
+  assert proc.returncode == -signal.SIGKILL, f"killed at step {kill_at}"
+  saved = checkpoint.latest_step(cut)
+  assert saved is not None and saved % 7 == 0, (kill_at, saved)
+
+  _finish(_start(cut, tfds_dir, ckpt_every=7))
+  assert checkpoint.latest_step(cut) == STEPS
+  jax.tree.map(
+      lambda a, b: np.testing.assert_array_equal(
+          a, b, err_msg=f"killed at step {kill_at}, resumed from {saved}"),
+      checkpoint.load_params(cut), checkpoint.load_params(whole))

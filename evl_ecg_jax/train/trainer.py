@@ -1,0 +1,107 @@
+"""The training loop every model family shares: restore -> steps -> log ->
+validate -> checkpoint, preemption- and NaN-safe.
+
+What is trained and on which data comes in as functions (`train`'s
+arguments), so ECG classifiers (train/loop.py) and ECG vision-language
+models (vlm/fit.py) run through the same checkpoints, guards and logs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+from absl import logging
+import jax
+import numpy as np
+import tqdm
+
+from evl_ecg_jax import checkpoint
+from evl_ecg_jax.log import MetricWriter
+from evl_ecg_jax.train import guards
+from evl_ecg_jax.train import optim
+
+
+def train(config, workdir: str, run, *, init: Callable, step_fn: Callable,
+          batches: Iterator, model_batch: Callable, validate: Callable,
+          teacher_params=None, teacher_abstract=None):
+  """Runs `config.total_steps` steps (resuming from `workdir`); returns params.
+
+  Args:
+    config: the run config (total_steps, *_every_steps, ckpt, optim, seed,
+      max_bad_steps, mode).
+    workdir: where checkpoints and metrics.jsonl go.
+    run: the runner (train/runner.py) that places state and batches.
+    init: rng -> boxed TrainState.
+    step_fn: (state, teacher_params, batch, axis_name) -> (state, metrics).
+    batches: host batches (dicts holding "id"), a checkpointable iterator
+      (`get_state`/`set_state`, e.g. grain's).
+    model_batch: host batch -> the arrays the step reads.
+    validate: params -> {metric: float} on the validation split; its
+      `config.ckpt.best_metric` ranks the checkpoints.
+    teacher_params, teacher_abstract: the frozen teacher (placed) and its
+      boxed abstract variables, or None.
+  """
+  ckpt = checkpoint.Checkpointer(
+      workdir, max_to_keep=config.ckpt.max_to_keep, config=config.to_dict(),
+      best_metric=config.ckpt.best_metric, best_mode=config.ckpt.best_mode)
+  rng = jax.random.PRNGKey(config.seed)
+  restored = ckpt.restore_latest(run.state_target(jax.eval_shape(init, rng)))
+  if restored is None:
+    state = run.init_state(init, rng)
+  else:
+    state, data_state = restored
+    batches.set_state(data_state)
+    state = run.place_state(state)
+    logging.info("Resumed from step %d.", int(state.step))
+
+  p_train = run.train_step(step_fn, teacher_abstract)
+  schedule = optim.learning_rate_schedule(config.optim, config.total_steps)
+  writer = MetricWriter(workdir)
+  guard = guards.NonFiniteGuard(config.max_bad_steps)
+  start = int(state.step)
+  bar = tqdm.trange(start, config.total_steps, initial=start,
+                    total=config.total_steps, desc=f"{config.mode}",
+                    disable=jax.process_index() != 0, dynamic_ncols=True)
+  # Guard flags stay on device until the next log or checkpoint step, so
+  # reading them never stalls the dispatch of the following steps.
+  pending = []
+  with guards.PreemptionNotice() as preempted:
+    try:
+      for step in bar:
+        batch = next(batches)
+        state, metrics = p_train(state, teacher_params,
+                                 run.put_batch(model_batch(batch)))
+        done = step + 1
+        pending.append((done, metrics["finite"], batch["id"]))
+        row = {}  # one metrics.jsonl line per step
+        if done % config.log_every_steps == 0 or done == config.total_steps:
+          guard.check_all(pending)
+          row = {f"train/{k}": float(v) for k, v in metrics.items()
+                 if k != "finite"}
+          row["train/skipped_steps"] = guard.total
+          row["train/learning_rate"] = float(schedule(step))  # this update
+          bar.set_postfix(loss=f"{row['train/loss']:.4f}")
+        # Validation at eval steps (and the last one when checkpoints are
+        # ranked by it); each such step is checkpointed with its metrics.
+        val = None
+        if done % config.eval_every_steps == 0 or (
+            done == config.total_steps and config.ckpt.best_metric):
+          val = {k: float(v) for k, v in validate(state.params).items()
+                 if np.isscalar(v)}
+          row.update({f"eval/{k}": v for k, v in val.items()})
+        if row:
+          writer.write(done, row)
+        stop = preempted()
+        if (done % config.ckpt_every_steps == 0 or done == config.total_steps
+            or stop or val is not None):
+          guard.check_all(pending)  # never checkpoint an unchecked step
+          ckpt.save(done, run.checkpointable(state), batches.get_state(),
+                    metrics=val)
+        if stop:
+          logging.warning("Preemption notice (SIGTERM): saved step %d; "
+                          "rerun the same command to resume.", done)
+          raise guards.Preempted(done)
+    finally:
+      ckpt.close()  # waits for in-flight async saves
+      writer.close()
+  return state.params
