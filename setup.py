@@ -34,6 +34,7 @@ setuptools.setup(
         "scipy>=1.11",  # band-pass filters, resampling, paired t-intervals.
         "tqdm>=4.66",
         "matplotlib>=3.8",  # figures of docs/results.md (kd_report).
+        "tokenizers>=0.20",  # VLM tokenizers, trained at build time.
     ],
     extras_require={
         "dev": [

@@ -57,8 +57,12 @@ def main(argv):
   from evl_ecg_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from evl_ecg_jax.train import guards  # pylint: disable=g-import-not-at-top
   from evl_ecg_jax.train import loop  # pylint: disable=g-import-not-at-top
+  fit = loop.fit
+  if _CONFIG.value.get("model_kind") == "vlm":
+    from evl_ecg_jax.vlm import fit as vlm_fit  # pylint: disable=g-import-not-at-top
+    fit = vlm_fit.fit
   try:
-    loop.fit(_CONFIG.value, _WORKDIR.value)
+    fit(_CONFIG.value, _WORKDIR.value)
   except guards.Preempted as e:
     logging.warning("Preempted after step %s; checkpoint saved.", e)
     sys.exit(0)

@@ -6,9 +6,15 @@ tagged with `constrain`. Logical names used here and mapped to mesh axes by
 `config.sharding.rules` (see `parallel.param_shardings`):
 
   batch, length          activations [B, N, ...]
-  embed, mlp, heads, kv  transformer widths (kernels and activations)
+  embed, mlp, heads, kv  transformer widths (kernels and activations); kv is
+                         the per-head width
+  kv_heads               key/value heads of grouped-query attention (decoder)
+  vocab                  token embedding table and LM head (decoder)
   channels_in, channels  conv kernels [window, in, out]; conv_window unsharded
   classes, norm          classifier outputs and norm scales (left unsharded)
+
+A name that has no rule stays unsharded (flax maps it to None), so configs
+only need rules for the names they want split.
 
 Without rules in scope (`nn.logical_axis_rules`) the constraints are no-ops,
 so the same modules run unchanged under `jax.pmap`.
@@ -119,20 +125,22 @@ def conv(features, kernel_size, stride=1, *, dtype, param_dtype=jnp.float32,
 
 def norm(kind: str, *, dtype, param_dtype=jnp.float32, zero_init=False,
          group_size=8, name=None):
-  """'layer' or 'group' norm with scale/bias on the logical 'norm' axis.
+  """'layer', 'group' or 'rms' norm; scale (and bias) on the 'norm' axis.
 
   `zero_init` starts the scale at 0 (the last norm of a residual branch, so
   the block starts as the identity: fastai's zero_bn / Goyal et al. 2017).
   """
   scale_init = nn.initializers.zeros if zero_init else nn.initializers.ones
   kwargs = dict(dtype=dtype, param_dtype=param_dtype, name=name,
-                scale_init=_partitioned(scale_init, ("norm",)),
-                bias_init=_partitioned(nn.initializers.zeros, ("norm",)))
+                scale_init=_partitioned(scale_init, ("norm",)))
+  if kind == "rms":  # RMSNorm (no bias, no centering): the decoder LM's.
+    return nn.RMSNorm(**kwargs)
+  kwargs["bias_init"] = _partitioned(nn.initializers.zeros, ("norm",))
   if kind == "layer":
     return nn.LayerNorm(**kwargs)
   if kind == "group":
     return nn.GroupNorm(num_groups=None, group_size=group_size, **kwargs)
-  raise ValueError(f"norm={kind!r}: expected 'layer' or 'group'.")
+  raise ValueError(f"norm={kind!r}: expected 'layer', 'group' or 'rms'.")
 
 
 class MlpBlock(nn.Module):

@@ -1,0 +1,109 @@
+r"""EVL-ECG in the paper's setting: ECG vision-language teacher and student.
+
+  python -m evl_ecg_jax.main --config=configs/vlm.py:size=tiny \
+      --workdir=workdir/vlm          # teacher, then the distilled student
+  python -m evl_ecg_jax.main --config=configs/vlm.py:mode=train_teacher \
+      --workdir=workdir/vlm_teacher
+  python -m evl_ecg_jax.main --config=configs/vlm.py:mode=distill \
+      --config.teacher.init=workdir/vlm_teacher --workdir=workdir/vlm_student
+
+Both models read a rendered 12-lead printout (vlm/render.py) resized to
+256 x 256: the teacher's ViT in 16-px patches (256 visual tokens), the
+student's in 32-px ones (64), each followed by a decoder LM with its own
+tokenizer, trained at build time on our text corpus (teacher byte-level
+BPE, student Unigram). Targets are reports and ECG-QA-style questions
+built from the labels (vlm/text.py); the loss is on answer tokens only.
+
+Variants: mode=pipeline|train_teacher|distill|evaluate (pipeline: teacher
+then student in <workdir>/teacher and <workdir>/student), size=tiny (CPU:
+tiny_teacher -> tiny_student) | 2b (paper scale: vlm_7b -> vlm_2b with 2x2
+token pooling, for TPU; parameter counts in tests/models/vlm_test.py),
+loss=ce|uld|evl|evl_uld, data=synthetic|ptbxl, folds=standard|shared,
+parallel=pmap|spmd, runlocal (a few steps, for tests).
+"""
+
+from configs import default
+from evl_ecg_jax import config as config_lib
+
+_SIZES = {  # size -> (teacher preset and overrides, student ...)
+    "tiny": (("tiny_teacher", {}), ("tiny_student", {})),
+    "2b": (("vlm_7b", {}), ("vlm_2b", {"pool": 2})),
+}
+# λ of the distillation terms per loss variant (α = 0.5 except ce). ULD is
+# the cross-vocabulary logit baseline (Boizard et al. 2024); logit KD needs
+# one vocabulary and is not offered.
+_LOSSES = {
+    "ce": {},
+    "uld": dict(uld_weight=1.0),
+    "evl": dict(mhca_weight=0.1, relation_weight=0.1, ot_weight=0.1),
+    "evl_uld": dict(mhca_weight=0.1, relation_weight=0.1, ot_weight=0.1,
+                    uld_weight=1.0),
+}
+_MODES = ("pipeline", "train_teacher", "distill", "evaluate")
+
+
+def get_config(arg=None):
+  """Returns the VLM run config for the variants in `arg`."""
+  arg = config_lib.parse_arg(arg, mode="pipeline", size="tiny", loss="evl",
+                             data="synthetic", folds="standard",
+                             parallel="pmap", runlocal=False)
+  for variant, known in (("size", _SIZES), ("loss", _LOSSES),
+                         ("mode", _MODES)):
+    if arg[variant] not in known:
+      raise config_lib.ConfigError(
+          f"Config variant {variant}={arg[variant]!r}: expected one of "
+          f"{sorted(known)}.")
+  signal_mode = "distill" if arg.mode == "pipeline" else arg.mode
+  config = default.get_config(
+      f"mode={signal_mode},data={arg.data},folds={arg.folds},"
+      f"parallel={arg.parallel},loss=ce{',runlocal' if arg.runlocal else ''}")
+  config.model_kind = "vlm"  # main dispatches on it (evl_ecg_jax/vlm/fit.py)
+  config.mode = arg.mode
+  (t_preset, t_over), (s_preset, s_over) = _SIZES[arg.size]
+  large = arg.size != "tiny"
+  config.teacher = dict(
+      preset=t_preset, overrides=t_over,
+      init="",  # distill/evaluate: the teacher's workdir (pipeline: set).
+      frozen_param_dtype="bfloat16" if large else "float32",
+      visual_tokens=256,  # checked against the preset's patching
+      tokenizer="bpe", vocab_size=512,
+      cache_features=False)
+  config.student = dict(preset=s_preset, overrides=s_over, visual_tokens=64,
+                        tokenizer="unigram", vocab_size=384)
+  config.vlm = dict(
+      image_size=(256, 256),  # printouts are resized to this
+      px_per_mm=2.0,  # render resolution before the resize
+      max_len=64,  # tokens per sequence (bos + prompt + answer + eos)
+      kinds=("query", "verify", "choose"),  # question kinds of training
+      max_new_tokens=40,  # generation in evaluation
+      eval_batch_size=64,
+      # Records per split in validation during training (0: all). The
+      # final evaluation always reads every record.
+      validation_records=256,
+  )
+  config.loss = dict(
+      alpha=0.0 if arg.loss == "ce" else 0.5,
+      kd_temperature=1.0,
+      # LM hidden states at the text positions (MHCA, relation), ViT
+      # tokens (OT: 256 teacher vs 64 student visual tokens).
+      student_hidden_tap="hidden", teacher_hidden_tap="hidden",
+      student_ot_tap="visual", teacher_ot_tap="visual",
+      mhca_heads=2, mhca_qkv_features=0, mhca_reconstruction_weight=1.0,
+      ot_epsilon=0.1, ot_plan_gradient="implicit", ot_threshold=1e-3,
+      ot_max_iterations=1000,
+      **dict(dict(mhca_weight=0.0, relation_weight=0.0, ot_weight=0.0,
+                  uld_weight=0.0), **_LOSSES[arg.loss]))
+  config.optim.learning_rate = 1e-3
+  config.optim.warmup_steps = 1 if arg.runlocal else 50
+  steps = {"train_teacher": 1500, "distill": 1500, "pipeline": 1500,
+           "evaluate": 1}[arg.mode]
+  config.total_steps = 4 if arg.runlocal else steps
+  config.log_every_steps = 2 if arg.runlocal else 50
+  config.eval_every_steps = 4 if arg.runlocal else 500
+  config.ckpt_every_steps = 4 if arg.runlocal else 500
+  config.ckpt.best_metric = "validation/soft/macro_auc"
+  config.data.batch_size = 8 if arg.runlocal else 32
+  if arg.runlocal:
+    config.vlm.validation_records = 16
+    config.vlm.max_new_tokens = 8
+  return config

@@ -1,0 +1,1 @@
+"""ECG vision-language models: rendering, text targets, tokenizers, distillation."""

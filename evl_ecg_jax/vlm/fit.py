@@ -1,0 +1,246 @@
+"""fit(config, workdir) for the VLM configs (configs/vlm.py).
+
+The same runner, train step, objective, checkpoints and guards as the
+signal models (train/loop.py, train/trainer.py); what differs is the batch
+(vlm/data.py), the task of the step (vlm/task.py), the tokenizers and the
+evaluation (vlm/evaluate.py). mode=pipeline trains the teacher in
+<workdir>/teacher, then distils the student in <workdir>/student.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+from absl import logging
+from etils import epath
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from evl_ecg_jax import checkpoint
+from evl_ecg_jax import config as config_lib
+from evl_ecg_jax import losses
+from evl_ecg_jax.data import pipeline
+from evl_ecg_jax.models import vlm as vlm_lib
+from evl_ecg_jax.train import loop
+from evl_ecg_jax.train import optim
+from evl_ecg_jax.train import step as step_lib
+from evl_ecg_jax.train import trainer
+from evl_ecg_jax.vlm import data as data_lib
+from evl_ecg_jax.vlm import evaluate as evaluate_lib
+from evl_ecg_jax.vlm import task as task_lib
+from evl_ecg_jax.vlm import text as text_lib
+from evl_ecg_jax.vlm import tokenizer as tokenizer_lib
+
+# Terms the VLM objective supports: logit KD, DKD and RKD need one
+# vocabulary / pooled embeddings; ULD is the cross-vocabulary logit term.
+SUPPORTED_TERMS = ("mhca", "relation", "ot", "uld", "fitnet")
+
+
+def build_model(block: ml_collections.ConfigDict, vocab_size: int, *,
+                field: str, image_size) -> vlm_lib.ECGVLM:
+  """The VLM of a config block; checks its visual tokens against patching."""
+  try:
+    model = vlm_lib.build(block.preset, vocab_size, **dict(block.overrides))
+  except (ValueError, TypeError) as e:
+    raise config_lib.ConfigError(f"config.{field}.preset={block.preset!r}: "
+                                 f"{e}") from None
+  step = model.patch_size * model.pool
+  config_lib.require(
+      all(s % step == 0 for s in image_size), "vlm.image_size",
+      tuple(image_size), f"sides divisible by the {field}'s patch x pool "
+      f"= {step}")
+  tokens = vlm_lib.visual_tokens(model, image_size)
+  config_lib.require(tokens == block.visual_tokens, f"{field}.visual_tokens",
+                     block.visual_tokens, f"{tokens}, the tokens of a "
+                     f"{tuple(image_size)} image at patch {model.patch_size}"
+                     f" x pool {model.pool}")
+  return model
+
+
+def check(config) -> None:
+  """VLM-specific config checks (config_lib.check does the shared ones)."""
+  for name in losses.TERMS:
+    weight = config.loss.get(f"{name}_weight", 0.0)
+    config_lib.require(name in SUPPORTED_TERMS or weight == 0,
+                       f"loss.{name}_weight", weight,
+                       f"0 for a VLM (supported terms: {SUPPORTED_TERMS})")
+  config_lib.require(config.vlm.max_len > 0, "vlm.max_len",
+                     config.vlm.max_len, "a positive number of tokens")
+  unknown = sorted(set(config.vlm.kinds) - set(text_lib.KINDS))
+  config_lib.require(not unknown, "vlm.kinds", tuple(config.vlm.kinds),
+                     f"kinds among {text_lib.KINDS}")
+
+
+def tokenizers(config, workdir: str, descriptions) -> dict:
+  """{"teacher", "student"} tokenizers, saved in <workdir>/tokenizers.
+
+  Trained on the corpus of the class descriptions; a distilled student
+  loads the teacher's tokenizer from the teacher's workdir (its embedding
+  was trained on those ids).
+  """
+  corpus = list(text_lib.corpus(config.data.class_names, descriptions))
+  out = {}
+  for name in task_lib.TOKENIZERS:
+    saved = os.path.join(workdir, "tokenizers", f"{name}.json")
+    teacher_dir = config.teacher.init
+    if name == "teacher" and config.mode == "distill" and teacher_dir:
+      saved = os.path.join(teacher_dir, "tokenizers", "teacher.json")
+    if os.path.exists(saved):
+      out[name] = tokenizer_lib.Tokenizer.load(saved)
+    else:
+      block = config[name]
+      out[name] = tokenizer_lib.Tokenizer.train(corpus, block.tokenizer,
+                                                block.vocab_size)
+    if jax.process_index() == 0:
+      path = epath.Path(workdir) / "tokenizers" / f"{name}.json"
+      path.parent.mkdir(parents=True, exist_ok=True)
+      out[name].save(str(path))
+  return out
+
+
+def _images_and_labels(config, split: str, limit: int = 0):
+  """Rendered images [N, H, W, 1] and labels [N, C] of a split."""
+  images, labels = [], []
+  for batch in pipeline.eval_batches(config.data, split):
+    keep = batch["mask"]
+    images.append(data_lib.images(batch["ecg"][keep],
+                                  config.data.sampling_rate,
+                                  config.vlm.image_size))
+    labels.append(batch["labels"][keep])
+    if limit and sum(map(len, labels)) >= limit:
+      break
+  images, labels = np.concatenate(images), np.concatenate(labels)
+  return (images[:limit], labels[:limit]) if limit else (images, labels)
+
+
+def qa_triples(labels, class_names, descriptions, seed) -> list:
+  """One seeded verify or choose question per record: (index, q, answer)."""
+  rng = np.random.default_rng([seed, 1])
+  out = []
+  for i, row in enumerate(labels):
+    (question, answer, _), = text_lib.qa_pairs(
+        row, class_names, descriptions, rng, 1, ("verify", "choose"))
+    out.append((i, question, answer))
+  return out
+
+
+def _evaluate(config, model, params, tokenizer, descriptions, splits,
+              *, soft_only=False, limit=0) -> dict:
+  out = {}
+  for split in splits:
+    images, labels = _images_and_labels(config, split, limit)
+    names = tuple(config.data.class_names)
+    if soft_only:
+      scores = evaluate_lib.soft_scores(
+          model, params, images, tokenizer, names, descriptions,
+          batch_size=config.vlm.eval_batch_size)
+      metrics = evaluate_lib.soft_metrics(scores, labels, names)
+    else:
+      metrics = evaluate_lib.evaluate(
+          model, params, images, labels, tokenizer, names, descriptions,
+          qa=qa_triples(labels, names, descriptions, config.seed),
+          max_new_tokens=config.vlm.max_new_tokens,
+          batch_size=config.vlm.eval_batch_size)
+    out.update({f"{split}/{k}": v for k, v in metrics.items()})
+  return out
+
+
+def fit(config, workdir: str) -> dict:
+  """Runs `config.mode` (see module docstring); returns the final metrics."""
+  if config.mode == "pipeline":
+    workdir = loop.resolve_workdir(workdir)
+    teacher_cfg, student_cfg = stages(config, workdir)
+    fit(teacher_cfg, os.path.join(workdir, "teacher"))
+    return fit(student_cfg, os.path.join(workdir, "student"))
+  check(config)
+  run, workdir = loop.prepare(config, workdir, model_names=())
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  descriptions = text_lib.describe_classes(config.data.class_names)
+  toks = tokenizers(config, workdir, descriptions)
+  distill = loop.uses_teacher(config)
+  trained = loop.trained_block(config)
+  size = tuple(config.vlm.image_size)
+  model = build_model(config[trained], toks[trained].vocab_size,
+                      field=trained, image_size=size)
+  teacher = (build_model(config.teacher, toks["teacher"].vocab_size,
+                         field="teacher", image_size=size)
+             if distill else None)
+  objective = losses.make_objective(**dict(
+      config.loss, alpha=config.loss.alpha if distill else 0.0))
+  task = task_lib.VLMTask(trained=trained)
+  batcher = data_lib.Batcher(
+      tokenizers=toks, class_names=tuple(config.data.class_names),
+      descriptions=descriptions, sampling_rate=config.data.sampling_rate,
+      image_size=size, max_len=config.vlm.max_len,
+      kinds=tuple(config.vlm.kinds), seed=config.seed)
+  first = pipeline.example(config.data)
+  example = _model_batch(batcher(
+      {k: np.asarray(v)[None] for k, v in first.items()}, 0))
+  loop.write_json(workdir, "config.json" if config.mode != "evaluate"
+                  else "config_evaluate.json", config.to_dict())
+
+  if config.mode == "evaluate":
+    params = {"model": checkpoint.load_params(
+        workdir, config.eval.checkpoint)["model"]}
+  else:
+    params = _train(config, workdir, run, model, teacher, objective, task,
+                    batcher, example, toks[trained], descriptions)
+  results = _evaluate(config, model, params["model"], toks[trained],
+                      descriptions, config.eval.splits)
+  results.update(model=config[trained].preset, parallel=run.name,
+                 num_params=int(sum(x.size for x in jax.tree.leaves(
+                     params["model"]))))
+  loop.write_json(workdir, "metrics.json", results)
+  logging.info("Final metrics: %s", results)
+  return results
+
+
+def _model_batch(batch):
+  """The arrays the step reads (ids and labels stay on the host)."""
+  return {k: jnp.asarray(v) for k, v in batch.items()
+          if k not in ("id", "labels")}
+
+
+def _train(config, workdir, run, model, teacher, objective, task, batcher,
+           example, tokenizer, descriptions):
+  teacher_params = teacher_abstract = None
+  if teacher is not None:
+    args, kwargs = task.inputs(example, "teacher")
+    dtype = jnp.dtype(config.teacher.frozen_param_dtype)
+    teacher_abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, dtype),
+        jax.eval_shape(functools.partial(teacher.init, **kwargs),
+                       jax.random.PRNGKey(0), *args))
+    teacher_params = loop.load_teacher_params(config, run, teacher_abstract)
+  tx = optim.make(config.optim, config.total_steps)
+  step_fn = functools.partial(
+      step_lib.train_step, model=model, teacher=teacher, objective=objective,
+      tx=tx, accum_steps=config.grad_accum_steps, task=task)
+  batches = data_lib.VLMBatches(pipeline.train_iterator(
+      config.data, process_index=jax.process_index(),
+      process_count=jax.process_count()), batcher)
+  return {"model": trainer.train(
+      config, workdir, run,
+      init=loop.state_initializer(model, tx, config, example, objective,
+                                  teacher, task),
+      step_fn=step_fn, batches=batches, model_batch=_model_batch,
+      validate=lambda params: _evaluate(
+          config, model, params["model"], tokenizer, descriptions,
+          config.eval.splits[:1], soft_only=True,
+          limit=config.vlm.validation_records),
+      teacher_params=teacher_params,
+      teacher_abstract=teacher_abstract)["model"]}
+
+
+def stages(config, workdir: str):
+  """(teacher config, student config) of mode=pipeline."""
+  teacher_cfg = ml_collections.ConfigDict(config.to_dict())
+  teacher_cfg.mode = "train_teacher"
+  teacher_cfg.eval.model = "teacher"
+  student_cfg = ml_collections.ConfigDict(config.to_dict())
+  student_cfg.mode = "distill"
+  student_cfg.teacher.init = os.path.join(workdir, "teacher")
+  return teacher_cfg, student_cfg

@@ -1,0 +1,189 @@
+"""VLM distillation across tokenizers: the loss, the step, overfitting and
+the configs/vlm.py pipeline on the embedded synthetic ECGs."""
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import vlm as vlm_config
+from evl_ecg_jax import config as config_lib
+from evl_ecg_jax import losses
+from evl_ecg_jax.data import synthetic
+from evl_ecg_jax.models import vlm as vlm_lib
+from evl_ecg_jax.train import loop
+from evl_ecg_jax.train import state as state_lib
+from evl_ecg_jax.train import step as step_lib
+from evl_ecg_jax.vlm import data as data_lib
+from evl_ecg_jax.vlm import evaluate as evaluate_lib
+from evl_ecg_jax.vlm import fit as vlm_fit
+from evl_ecg_jax.vlm import task as task_lib
+from evl_ecg_jax.vlm import text as text_lib
+from evl_ecg_jax.vlm import tokenizer as tokenizer_lib
+
+NAMES = ("NORM", "MI", "STTC", "CD", "HYP")
+SIZE = (256, 256)
+
+
+@pytest.fixture(scope="module")
+def toks():
+  corpus = list(text_lib.corpus(NAMES, text_lib.describe_classes(NAMES)))
+  return {"teacher": tokenizer_lib.Tokenizer.train(corpus, "bpe", 512),
+          "student": tokenizer_lib.Tokenizer.train(corpus, "unigram", 384)}
+
+
+def _records(n, seed=0):
+  """n synthetic 10-s 100 Hz records (ecg [n, T, 12], labels [n, 5])."""
+  return synthetic.generate(seed, n)
+
+
+def _batcher(toks, kinds=text_lib.KINDS):
+  return data_lib.Batcher(
+      tokenizers=toks, class_names=NAMES,
+      descriptions=text_lib.describe_classes(NAMES), sampling_rate=100,
+      image_size=SIZE, max_len=64, kinds=kinds)
+
+
+def _batch(toks, n=2, **kw):
+  ecg, labels = _records(n)
+  return _batcher(toks, **kw)({"ecg": ecg, "labels": labels,
+                               "id": np.arange(n)}, 0)
+
+
+def test_batches_hold_both_tokenizations_of_one_question(toks):
+  batch = _batch(toks, n=3)
+  assert batch["image"].shape == (3,) + SIZE + (1,)
+  assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+  for name, tok in toks.items():
+    ids, targets = batch[f"tokens_{name}"], batch[f"targets_{name}"]
+    np.testing.assert_array_equal(ids[:, 1:], targets[:, :-1])  # shifted
+    for i in range(3):
+      answer = tok.decode(targets[i][batch[f"answer_{name}"][i]])
+      full = tok.decode(ids[i][batch[f"attn_{name}"][i]])
+      assert full.endswith(answer) and answer  # the loss is on the answer
+  # Same text, two tokenizers: the decoded answers agree.
+  for i in range(3):
+    answers = {name: tok.decode(batch[f"targets_{name}"][i][
+        batch[f"answer_{name}"][i]]) for name, tok in toks.items()}
+    assert answers["teacher"] == answers["student"]
+  assert (batch["tokens_teacher"] != 0).sum() != (
+      batch["tokens_student"] != 0).sum()  # different tokenizations
+
+
+def _models(toks):
+  t = vlm_lib.build("tiny_teacher", toks["teacher"].vocab_size)
+  s = vlm_lib.build("tiny_student", toks["student"].vocab_size)
+  assert vlm_lib.visual_tokens(t, SIZE) == 256
+  assert vlm_lib.visual_tokens(s, SIZE) == 64
+  return t, s
+
+
+def test_cross_tokenizer_evl_loss_is_finite_with_gradients(toks):
+  teacher, student = _models(toks)
+  batch = {k: jnp.asarray(v) for k, v in _batch(toks).items() if k != "id"}
+  objective = losses.make_objective(
+      alpha=0.5, mhca_weight=1.0, relation_weight=1.0, ot_weight=1.0,
+      uld_weight=1.0, student_hidden_tap="hidden",
+      teacher_hidden_tap="hidden", student_ot_tap="visual",
+      teacher_ot_tap="visual", mhca_heads=2)
+  task = task_lib.VLMTask()
+  init = loop.state_initializer(student, optax.adam(1e-3), None, batch,
+                                objective, teacher, task)
+  params = jax.tree.map(jnp.asarray, __import__("flax").linen.meta.unbox(
+      init(jax.random.PRNGKey(0)).params))
+  t_args, t_kw = task.inputs(batch, "teacher")
+  t_params = teacher.init(jax.random.PRNGKey(1), *t_args, **t_kw)["params"]
+  t_out = step_lib.teacher_outputs(teacher, t_params, batch,
+                                   objective.model_taps("teacher"), task)
+  # Teacher and student sequences differ in length and vocabulary.
+  assert t_out[0].shape[-1] != toks["student"].vocab_size
+
+  def loss_fn(p):
+    args, kw = task.inputs(batch, "student")
+    out = student.apply({"params": p["model"]}, *args,
+                        taps=objective.model_taps("student"), **kw)
+    return task.loss(objective, p["heads"], out, t_out, batch)
+
+  (total, terms), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+      params)
+  assert set(terms) == {"ce", "mhca", "mhca_reconstruction", "relation",
+                        "ot", "uld"}
+  assert all(np.isfinite(float(v)) for v in terms.values())
+  assert np.isfinite(float(total))
+  norms = {k: float(optax.global_norm(v)) for k, v in grads["model"].items()}
+  assert all(np.isfinite(v) and v > 0 for v in norms.values()), norms
+  assert float(optax.global_norm(grads["heads"])) > 0
+
+
+def test_tiny_vlm_overfits_a_handful_of_examples(toks):
+  """Four records, their reports: after training, greedy generation gives
+  each answer exactly."""
+  tok = toks["student"]
+  student = vlm_lib.build("tiny_student", tok.vocab_size)
+  ecg, labels = _records(4, seed=3)
+  question = text_lib.TEMPLATES["query"][0]
+  expected = [text_lib.report(row, NAMES, text_lib.describe_classes(NAMES))
+              for row in labels]
+  assert len(set(expected)) == 4  # only the image tells them apart
+  batch = _batcher({"student": tok})(
+      {"ecg": ecg, "labels": labels, "id": np.arange(4)}, 0,
+      [text_lib.Example(text_lib.format_prompt(question), answer, "query")
+       for answer in expected])
+  batch = {k: jnp.asarray(v) for k, v in batch.items() if k != "id"}
+  objective = losses.make_objective(alpha=0.0)
+  tx = optax.adam(1e-3)
+  params = {"model": student.init(jax.random.PRNGKey(0), batch["image"],
+                                  batch["tokens_student"])["params"]}
+  state = state_lib.TrainState.create(
+      params=jax.tree.map(jnp.asarray,
+                          __import__("flax").linen.meta.unbox(params)),
+      tx=tx, rng=jax.random.PRNGKey(1))
+  step = jax.jit(functools.partial(
+      step_lib.train_step, teacher_params=None, model=student, teacher=None,
+      objective=objective, tx=tx, axis_name=None, task=task_lib.VLMTask()))
+  for _ in range(300):
+    state, metrics = step(state, batch=batch)
+  assert float(metrics["ce"]) < 0.05, float(metrics["ce"])
+  answers = evaluate_lib.generate_answers(
+      student, state.params["model"], np.asarray(batch["image"]), tok,
+      question, max_new_tokens=40, batch_size=4)
+  assert answers == expected
+
+
+def test_vlm_configs_check_before_compiling():
+  config = vlm_config.get_config("runlocal")
+  config.student.visual_tokens = 100
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"config.student.visual_tokens=100: expected 64"):
+    vlm_fit.build_model(config.student, 384, field="student",
+                        image_size=config.vlm.image_size)
+  config = vlm_config.get_config("runlocal")
+  config.loss.rkd_weight = 1.0
+  with pytest.raises(config_lib.ConfigError, match=r"config.loss.rkd_weight"):
+    vlm_fit.check(config)
+  with pytest.raises(config_lib.ConfigError, match="size='3b'"):
+    vlm_config.get_config("size=3b")
+
+
+def test_pipeline_trains_teacher_then_student_and_reports(tfds_dir,
+                                                          tmp_path):
+  config = vlm_config.get_config("runlocal")
+  config.data.data_dir = tfds_dir
+  metrics = vlm_fit.fit(config, str(tmp_path))
+  for role in ("teacher", "student"):
+    with open(tmp_path / role / "metrics.json") as f:
+      saved = json.load(f)
+    for key in ("test/hard/macro_auc", "test/soft/macro_auc",
+                "test/hard/macro_f1"):
+      assert 0.0 <= saved[key] <= 1.0, (role, key)
+    assert os.path.exists(tmp_path / role / "tokenizers" / "student.json")
+  assert metrics["model"] == "tiny_student"
+  with open(tmp_path / "student" / "metrics.jsonl") as f:
+    rows = [json.loads(line) for line in f]
+  terms = {k for row in rows for k in row}
+  assert {"train/ce", "train/mhca", "train/relation", "train/ot"} <= terms
