@@ -37,12 +37,12 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import kd_report  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import default  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from evl_ecg_jax import config as config_lib  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from evl_ecg_jax.eval import stats  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from evl_ecg_jax.train import loop  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -101,13 +101,7 @@ def _config(arg, seed, overrides):
   config.seed = seed
   config.data.shuffle_seed = seed
   config.data.label_seed = seed
-  for key, value in overrides.items():
-    block, _, field = key.rpartition(".")
-    node = config
-    for part in filter(None, block.split(".")):
-      node = node[part]
-    node[field] = value
-  return config
+  return config_lib.override(config, overrides)
 
 
 def _set_steps(config, steps):

@@ -72,9 +72,15 @@ def get_config(arg=None):
                         tokenizer="unigram", vocab_size=384)
   config.vlm = dict(
       image_size=(256, 256),  # printouts are resized to this
-      px_per_mm=2.0,  # render resolution before the resize
+      # vlm/render.py RenderSpec fields of the printout before the resize:
+      # 1 px/mm (254 x 164 px, close to the 256 x 256 input) and the 5-mm
+      # grid only (the 1-mm grid aliases at this size; see docs/vlm.md).
+      render=dict(px_per_mm=1.0, fine_grid=False),
       max_len=64,  # tokens per sequence (bos + prompt + answer + eos)
       kinds=("query", "verify", "choose"),  # question kinds of training
+      # Steps of ViT training on the labels before the VLM's (vlm/vision.py;
+      # there is no pretrained encoder). 0 for the paper-scale sizes.
+      vision_pretrain_steps=0 if large else 600,
       max_new_tokens=40,  # generation in evaluation
       eval_batch_size=64,
       # Records per split in validation during training (0: all). The
@@ -104,6 +110,7 @@ def get_config(arg=None):
   config.ckpt.best_metric = "validation/soft/macro_auc"
   config.data.batch_size = 8 if arg.runlocal else 32
   if arg.runlocal:
+    config.vlm.vision_pretrain_steps = 2
     config.vlm.validation_records = 16
     config.vlm.max_new_tokens = 8
   return config

@@ -51,6 +51,17 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   return out
 
 
+def override(config: ml_collections.ConfigDict, fields: dict):
+  """Sets dotted fields ({"loss.alpha": 0.3}) in place; returns `config`."""
+  for key, value in fields.items():
+    block, _, field = key.rpartition(".")
+    node = config
+    for part in filter(None, block.split(".")):
+      node = node[part]
+    node[field] = value
+  return config
+
+
 def require(cond: bool, field: str, value: Any, expected: str) -> None:
   """Raises ConfigError 'config.<field>=<value>: expected <expected>.'."""
   if not cond:

@@ -7,12 +7,45 @@ os.environ["XLA_FLAGS"] = " ".join(filter(None, [
     "--xla_force_host_platform_device_count=8"]))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import csv  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+import shutil  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import sys  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 import pytest  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # `configs/` is read as files by main; tests import it.
+# Real ECGs beside the repo (present in CI); tests that need them skip
+# without, saying so.
+DATA = os.environ.get("EVL_ECG_DATA",
+                      os.path.join(os.path.dirname(REPO), "shared", "data"))
+
+
+def write_ptbxl_db(root, rows, fields):
+  """Writes rows as `root`/ptbxl_database.csv."""
+  with open(root / "ptbxl_database.csv", "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def copy_ptbxl(tmp_path, n):
+  """The first n records of DATA/ptbxl (folds as in the CSV) copied into a
+  temporary PTB-XL folder; returns (root, rows, CSV fields)."""
+  src = os.path.join(DATA, "ptbxl")
+  root = tmp_path / "ptbxl"
+  root.mkdir()
+  shutil.copy(os.path.join(src, "scp_statements.csv"), root)
+  with open(os.path.join(src, "ptbxl_database.csv"), newline="") as f:
+    reader = csv.DictReader(f)
+    rows, fields = [r for _, r in zip(range(n), reader)], reader.fieldnames
+  write_ptbxl_db(root, rows, fields)
+  for r in rows:
+    for ext in (".hea", ".dat"):
+      dst = root / (r["filename_lr"] + ext)
+      dst.parent.mkdir(parents=True, exist_ok=True)
+      shutil.copy(os.path.join(src, r["filename_lr"] + ext), dst)
+  return root, rows, fields
 
 
 @pytest.fixture(scope="session")

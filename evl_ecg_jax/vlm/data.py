@@ -69,6 +69,7 @@ class Batcher:
   sampling_rate: float
   image_size: tuple
   max_len: int
+  spec: render_lib.RenderSpec = render_lib.RenderSpec()
   kinds: tuple = text_lib.KINDS
   seed: int = 0
 
@@ -79,11 +80,14 @@ class Batcher:
         np.random.default_rng([self.seed, count, i]), 1, self.kinds)[0]
             for i, row in enumerate(labels)]
 
+  def images(self, ecg: np.ndarray) -> np.ndarray:
+    """[B, T, 12] -> [B, H, W, 1] model images (see `images`)."""
+    return images(ecg, self.sampling_rate, self.image_size, self.spec)
+
   def __call__(self, batch: Mapping[str, np.ndarray], count: int,
                examples: Sequence[text_lib.Example] | None = None) -> dict:
     examples = examples or self.questions(batch["labels"], count)
-    out = {"image": images(batch["ecg"], self.sampling_rate,
-                           self.image_size),
+    out = {"image": self.images(batch["ecg"]),
            "labels": batch["labels"], "id": batch["id"]}
     for name, tok in self.tokenizers.items():
       out.update(tokenize(tok, examples, self.max_len, name))

@@ -30,9 +30,11 @@ from evl_ecg_jax.train import step as step_lib
 from evl_ecg_jax.train import trainer
 from evl_ecg_jax.vlm import data as data_lib
 from evl_ecg_jax.vlm import evaluate as evaluate_lib
+from evl_ecg_jax.vlm import render as render_lib
 from evl_ecg_jax.vlm import task as task_lib
 from evl_ecg_jax.vlm import text as text_lib
 from evl_ecg_jax.vlm import tokenizer as tokenizer_lib
+from evl_ecg_jax.vlm import vision
 
 # Terms the VLM objective supports: logit KD, DKD and RKD need one
 # vocabulary / pooled embeddings; ULD is the cross-vocabulary logit term.
@@ -60,6 +62,14 @@ def build_model(block: ml_collections.ConfigDict, vocab_size: int, *,
   return model
 
 
+def render_spec(config) -> render_lib.RenderSpec:
+  """The printout look of `config.vlm.render` (ConfigError on a bad field)."""
+  try:
+    return render_lib.RenderSpec(**dict(config.vlm.render))
+  except (TypeError, ValueError) as e:
+    raise config_lib.ConfigError(f"config.vlm.render: {e}") from None
+
+
 def check(config) -> None:
   """VLM-specific config checks (config_lib.check does the shared ones)."""
   for name in losses.TERMS:
@@ -72,6 +82,7 @@ def check(config) -> None:
   unknown = sorted(set(config.vlm.kinds) - set(text_lib.KINDS))
   config_lib.require(not unknown, "vlm.kinds", tuple(config.vlm.kinds),
                      f"kinds among {text_lib.KINDS}")
+  render_spec(config)
 
 
 def tokenizers(config, workdir: str, descriptions) -> dict:
@@ -108,7 +119,8 @@ def _images_and_labels(config, split: str, limit: int = 0):
     keep = batch["mask"]
     images.append(data_lib.images(batch["ecg"][keep],
                                   config.data.sampling_rate,
-                                  config.vlm.image_size))
+                                  config.vlm.image_size,
+                                  render_spec(config)))
     labels.append(batch["labels"][keep])
     if limit and sum(map(len, labels)) >= limit:
       break
@@ -175,7 +187,8 @@ def fit(config, workdir: str) -> dict:
       tokenizers=toks, class_names=tuple(config.data.class_names),
       descriptions=descriptions, sampling_rate=config.data.sampling_rate,
       image_size=size, max_len=config.vlm.max_len,
-      kinds=tuple(config.vlm.kinds), seed=config.seed)
+      spec=render_spec(config), kinds=tuple(config.vlm.kinds),
+      seed=config.seed)
   first = pipeline.example(config.data)
   example = _model_batch(batcher(
       {k: np.asarray(v)[None] for k, v in first.items()}, 0))
@@ -222,10 +235,20 @@ def _train(config, workdir, run, model, teacher, objective, task, batcher,
   batches = data_lib.VLMBatches(pipeline.train_iterator(
       config.data, process_index=jax.process_index(),
       process_count=jax.process_count()), batcher)
+  init = loop.state_initializer(model, tx, config, example, objective,
+                                teacher, task)
+  steps = config.vlm.vision_pretrain_steps
+  if steps and not checkpoint.has_checkpoint(workdir):
+    # Every process reads the same global batches: the same ViT everywhere.
+    images = ({"image": batcher.images(b["ecg"]), "labels": b["labels"]}
+              for b in pipeline.train_iterator(config.data))
+    vit, _ = vision.pretrain(
+        model, images, steps=steps, seed=config.seed,
+        num_classes=len(config.data.class_names),
+        learning_rate=config.optim.learning_rate)
+    init = vision.with_vision(init, vit)
   return {"model": trainer.train(
-      config, workdir, run,
-      init=loop.state_initializer(model, tx, config, example, objective,
-                                  teacher, task),
+      config, workdir, run, init=init,
       step_fn=step_fn, batches=batches, model_batch=_model_batch,
       validate=lambda params: _evaluate(
           config, model, params["model"], tokenizer, descriptions,

@@ -8,13 +8,14 @@ import ast
 import collections
 import csv
 import os
-import shutil
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from conftest import REPO
+from conftest import copy_ptbxl
+from conftest import write_ptbxl_db
 from evl_ecg_jax.data import ptbxl
 from evl_ecg_jax.data.builders import ptbxl as ptbxl_builder
 
@@ -129,30 +130,6 @@ def test_scp_codes_are_literals_only(text):
     ptbxl.parse_scp_codes(text, 7)
 
 
-def _copy_subset(tmp_path, n=6):
-  """The first n records (all folds kept as in the CSV) in a temp PTB-XL."""
-  root = tmp_path / "ptbxl"
-  root.mkdir()
-  shutil.copy(os.path.join(ROOT, "scp_statements.csv"), root)
-  with open(os.path.join(ROOT, "ptbxl_database.csv"), newline="") as f:
-    reader = csv.DictReader(f)
-    rows = [r for _, r in zip(range(n), reader)]
-    fields = reader.fieldnames
-  for r in rows:
-    for ext in (".hea", ".dat"):
-      dst = root / (r["filename_lr"] + ext)
-      dst.parent.mkdir(parents=True, exist_ok=True)
-      shutil.copy(os.path.join(ROOT, r["filename_lr"] + ext), dst)
-  return root, rows, fields
-
-
-def _write_db(root, rows, fields):
-  with open(root / "ptbxl_database.csv", "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-
-
 def _corrupt(root, rows, fields):
   """One fault per record 0..4; record 5 stays good. Returns their ids."""
   path = lambda i, ext: root / (rows[i]["filename_lr"] + ext)
@@ -165,13 +142,13 @@ def _corrupt(root, rows, fields):
   hea = path(3, ".hea").read_text()  # 257 Hz
   path(3, ".hea").write_text(hea.replace(" 100 ", " 257 ", 1))
   rows[4]["scp_codes"] = "{'NORM': 100.0"  # unparsable
-  _write_db(root, rows, fields)
+  write_ptbxl_db(root, rows, fields)
   return [r["ecg_id"] for r in rows]
 
 
 def test_bad_records_fail_with_their_name_or_are_skipped_and_counted(
     tmp_path):
-  root, rows, fields = _copy_subset(tmp_path)
+  root, rows, fields = copy_ptbxl(tmp_path, 6)
   ids = _corrupt(root, rows, fields)
   with pytest.raises(ptbxl.BadRecord, match=r"ecg_id \d+: .*skip_bad_records"):
     _build(root, tmp_path / "fail", sampling_rate=100,
@@ -193,19 +170,6 @@ def test_bad_records_fail_with_their_name_or_are_skipped_and_counted(
       ptbxl.read_signal(str(root / rows[i]["filename_lr"]), 100, ids[i])
 
 
-def test_bad_database_files_are_named(tmp_path):
-  root, rows, fields = _copy_subset(tmp_path, n=2)
-  _write_db(root, rows + rows[:1], fields)  # duplicated ecg_id
-  with pytest.raises(ValueError, match=f"ecg_id {rows[0]['ecg_id']} appears"):
-    ptbxl.read_database(str(root))
-  _write_db(root, [{k: v for k, v in r.items() if k != "strat_fold"}
-                   for r in rows], [f for f in fields if f != "strat_fold"])
-  with pytest.raises(ValueError, match=r"ptbxl_database.csv: missing column"):
-    ptbxl.read_database(str(root))
-  with pytest.raises(FileNotFoundError, match="ptbxl_database.csv"):
-    ptbxl.read_database(str(tmp_path / "nowhere"))
-
-
 def test_config_runs_on_the_shared_subset_and_names_missing_folds(tmp_path):
   from configs import default  # pylint: disable=g-import-not-at-top
   from evl_ecg_jax.train import loop  # pylint: disable=g-import-not-at-top
@@ -225,15 +189,3 @@ def test_config_runs_on_the_shared_subset_and_names_missing_folds(tmp_path):
                      "folds=shared"):
     loop.fit(config, str(tmp_path / "standard"))
   assert not (tmp_path / "standard").exists()
-
-
-def test_nan_samples_are_named(tmp_path):
-  root, rows, _ = _copy_subset(tmp_path, n=1)
-  dat = root / (rows[0]["filename_lr"] + ".dat")
-  data = bytearray(dat.read_bytes())
-  data[200:202] = (-32768).to_bytes(2, "little", signed=True)  # WFDB: invalid
-  dat.write_bytes(bytes(data))
-  with pytest.raises(ptbxl.BadRecord,
-                     match=f"ecg_id {rows[0]['ecg_id']}: .*NaN"):
-    ptbxl.read_signal(str(root / rows[0]["filename_lr"]), 100,
-                      rows[0]["ecg_id"])

@@ -6,7 +6,6 @@ field, or a skip that is counted. Needs ../shared/data (present in CI);
 without it the data cases skip and say so.
 """
 
-import csv
 import os
 import shutil
 
@@ -14,7 +13,10 @@ import numpy as np
 import pytest
 import scipy.io
 
+from conftest import DATA
 from conftest import REPO
+from conftest import copy_ptbxl
+from conftest import write_ptbxl_db
 from configs import default
 from evl_ecg_jax import checkpoint
 from evl_ecg_jax import config as config_lib
@@ -25,8 +27,6 @@ from evl_ecg_jax.data import ptbxl
 from evl_ecg_jax.data import transforms
 from evl_ecg_jax.train import loop
 
-DATA = os.environ.get("EVL_ECG_DATA",
-                      os.path.join(os.path.dirname(REPO), "shared", "data"))
 PTBXL, CINC = os.path.join(DATA, "ptbxl"), os.path.join(DATA, "cinc")
 needs_ptbxl = pytest.mark.skipif(
     not os.path.exists(os.path.join(PTBXL, "ptbxl_database.csv")),
@@ -39,31 +39,6 @@ needs_cinc = pytest.mark.skipif(
 
 
 # --- PTB-XL --------------------------------------------------------------
-
-def _ptbxl_copy(tmp_path, n=4):
-  """A PTB-XL folder with the first n records of the subset; (root, rows,
-  fields)."""
-  root = tmp_path / "ptbxl"
-  root.mkdir()
-  shutil.copy(os.path.join(PTBXL, "scp_statements.csv"), root)
-  with open(os.path.join(PTBXL, "ptbxl_database.csv"), newline="") as f:
-    reader = csv.DictReader(f)
-    rows, fields = [r for _, r in zip(range(n), reader)], reader.fieldnames
-  _write_db(root, rows, fields)
-  for r in rows:
-    for ext in (".hea", ".dat"):
-      dst = root / (r["filename_lr"] + ext)
-      dst.parent.mkdir(parents=True, exist_ok=True)
-      shutil.copy(os.path.join(PTBXL, r["filename_lr"] + ext), dst)
-  return root, rows, fields
-
-
-def _write_db(root, rows, fields):
-  with open(root / "ptbxl_database.csv", "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-
 
 def _edit_header(path, fn):
   lines = path.read_text().splitlines()
@@ -103,7 +78,7 @@ PTBXL_RECORDS = {
 @needs_ptbxl
 @pytest.mark.parametrize("case", sorted(PTBXL_RECORDS))
 def test_ptbxl_bad_record_is_named(case, tmp_path):
-  root, rows, _ = _ptbxl_copy(tmp_path, n=1)
+  root, rows, _ = copy_ptbxl(tmp_path, 1)
   path = root / rows[0]["filename_lr"]
   corrupt, match = PTBXL_RECORDS[case]
   corrupt(path.with_suffix(".hea"), path.with_suffix(".dat"))
@@ -115,7 +90,7 @@ def test_ptbxl_bad_record_is_named(case, tmp_path):
 @needs_ptbxl
 def test_ptbxl_constant_zero_lead_is_kept_and_stays_finite(tmp_path):
   """A flat lead (lead off) is real data: kept; z-scoring gives 0, not NaN."""
-  root, rows, _ = _ptbxl_copy(tmp_path, n=1)
+  root, rows, _ = copy_ptbxl(tmp_path, 1)
   path = root / rows[0]["filename_lr"]
   signal = ptbxl.read_signal(str(path), 100, rows[0]["ecg_id"])
   signal[:, 3] = 0.0
@@ -138,12 +113,12 @@ def test_ptbxl_bad_scp_codes_are_named(case, text, match):
 
 @needs_ptbxl
 def test_ptbxl_database_errors_name_the_file(tmp_path):
-  root, rows, fields = _ptbxl_copy(tmp_path, n=2)
-  _write_db(root, rows + rows[:1], fields)  # ptbxl_duplicated_ecg_id
+  root, rows, fields = copy_ptbxl(tmp_path, 2)
+  write_ptbxl_db(root, rows + rows[:1], fields)  # ptbxl_duplicated_ecg_id
   with pytest.raises(ValueError, match=f"ptbxl_database.csv: ecg_id "
                      f"{rows[0]['ecg_id']} appears twice"):
     ptbxl.read_database(str(root))
-  _write_db(root, [{k: v for k, v in r.items() if k != "scp_codes"}  # column
+  write_ptbxl_db(root, [{k: v for k, v in r.items() if k != "scp_codes"}  # column
                    for r in rows], [f for f in fields if f != "scp_codes"])
   with pytest.raises(ValueError, match=r"ptbxl_database.csv: missing "
                      r"column\(s\) \['scp_codes'\]"):
@@ -162,12 +137,12 @@ def test_ptbxl_build_skips_and_counts_or_names_the_empty_split(tmp_path):
   leaves no label (dropped and counted); a split left empty is an error
   naming config.data.splits."""
   from evl_ecg_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  root, rows, fields = _ptbxl_copy(tmp_path, n=4)
+  root, rows, fields = copy_ptbxl(tmp_path, 4)
   for row in rows:
     row["strat_fold"] = "1"
   rows[0]["scp_codes"] = "{'NOT_A_CODE': 100.0}"  # ptbxl_unknown_scp_code
   rows[1]["scp_codes"] = "{'NORM': 100.0"
-  _write_db(root, rows, fields)
+  write_ptbxl_db(root, rows, fields)
   dat = root / (rows[2]["filename_lr"] + ".dat")
   dat.write_bytes(dat.read_bytes()[:100])
   config = default.get_config("mode=train_teacher,data=ptbxl,runlocal")
@@ -186,7 +161,7 @@ def test_ptbxl_build_skips_and_counts_or_names_the_empty_split(tmp_path):
       manual_dir=str(root)))
   assert builder.info.metadata["build_counts"] == {"fold1": {
       "dropped_no_label": 1, "skipped": 2, "examples": 1}}
-  _write_db(root, rows[3:], fields)  # only the good record, in fold 1
+  write_ptbxl_db(root, rows[3:], fields)  # only the good record, in fold 1
   with pytest.raises(ValueError, match="config.data.splits.validation="
                      "'fold2'"):  # ptbxl_empty_split
     pipeline.source(config.data, "validation")
@@ -323,13 +298,7 @@ def test_partial_checkpoint_is_never_restored(tmp_path):
 def _distill(**overrides):
   config = default.get_config("mode=distill,loss=evl")
   config.teacher.init = "/t"
-  for field, value in overrides.items():
-    block, _, key = field.rpartition(".")
-    node = config
-    for part in filter(None, block.split(".")):
-      node = node[part]
-    node[key] = value
-  return config
+  return config_lib.override(config, overrides)
 
 
 CONFIG_CASES = {

@@ -4,6 +4,8 @@ the configs/vlm.py pipeline on the embedded synthetic ECGs."""
 import functools
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import REPO
 from configs import vlm as vlm_config
 from evl_ecg_jax import config as config_lib
 from evl_ecg_jax import losses
@@ -172,18 +175,49 @@ def test_vlm_configs_check_before_compiling():
 
 def test_pipeline_trains_teacher_then_student_and_reports(tfds_dir,
                                                           tmp_path):
-  config = vlm_config.get_config("runlocal")
-  config.data.data_dir = tfds_dir
-  metrics = vlm_fit.fit(config, str(tmp_path))
+  """The documented command (runlocal): teacher, then student, both
+  evaluated (its own process, one CPU device, as a user runs it)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  proc = subprocess.run(
+      [sys.executable, "-m", "evl_ecg_jax.main",
+       "--config=configs/vlm.py:runlocal", f"--workdir={tmp_path}",
+       f"--config.data.data_dir={tfds_dir}"], cwd=REPO, env=env,
+      capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
   for role in ("teacher", "student"):
     with open(tmp_path / role / "metrics.json") as f:
       saved = json.load(f)
     for key in ("test/hard/macro_auc", "test/soft/macro_auc",
-                "test/hard/macro_f1"):
+                "test/hard/macro_f1", "test/qa/accuracy"):
       assert 0.0 <= saved[key] <= 1.0, (role, key)
     assert os.path.exists(tmp_path / role / "tokenizers" / "student.json")
-  assert metrics["model"] == "tiny_student"
+  assert saved["model"] == "tiny_student"
   with open(tmp_path / "student" / "metrics.jsonl") as f:
     rows = [json.loads(line) for line in f]
   terms = {k for row in rows for k in row}
   assert {"train/ce", "train/mhca", "train/relation", "train/ot"} <= terms
+
+
+def test_vision_pretraining_learns_and_seeds_the_vlm(toks):
+  """The label probe lowers its BCE, and `with_vision` puts its ViT into
+  the VLM's initial state with the logical-axis boxes kept."""
+  from evl_ecg_jax.vlm import vision  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  model = vlm_lib.build("tiny_student", toks["student"].vocab_size)
+  batch = _batch(toks, n=4)
+  probe_batch = {"image": batch["image"], "labels": batch["labels"]}
+  vit, history = vision.pretrain(model, iter([probe_batch] * 30), steps=30,
+                                 num_classes=5, learning_rate=3e-3)
+  again, _ = vision.pretrain(model, iter([probe_batch] * 30), steps=30,
+                             num_classes=5, learning_rate=3e-3)
+  jax.tree.map(np.testing.assert_array_equal, vit, again)  # seeded
+  assert len(history) == 30 and history[-1] < 0.7 * history[0], history
+  init = loop.state_initializer(
+      model, optax.adam(1e-3), None,
+      {k: jnp.asarray(v) for k, v in batch.items() if k != "id"},
+      losses.make_objective(alpha=0.0), None, task_lib.VLMTask())
+  state = vision.with_vision(init, vit)(jax.random.PRNGKey(0))
+  boxed = state.params["model"]["vit"]["embed"]["kernel"]
+  assert isinstance(boxed, nn.meta.AxisMetadata)
+  np.testing.assert_array_equal(boxed.unbox(), vit["embed"]["kernel"])
