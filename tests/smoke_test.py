@@ -71,9 +71,17 @@ EVL_TERMS = {"train/ce", "train/mhca", "train/mhca_reconstruction",
              "train/relation", "train/ot"}
 
 
+# The ablations and the batch-relation baselines run under `make
+# test-slow`: switching a term off is unit-tested in tests/losses, and the
+# default suite keeps to ~15 min on 2 cores.
+_SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize("variant,absent", [
-    ("evl", set()), ("evl_no_mhca", {"train/mhca"}),
-    ("evl_no_rel", {"train/relation"}), ("evl_no_ot", {"train/ot"})])
+    ("evl", set()),
+    pytest.param("evl_no_mhca", {"train/mhca"}, marks=_SLOW),
+    pytest.param("evl_no_rel", {"train/relation"}, marks=_SLOW),
+    ("evl_no_ot", {"train/ot"})])
 def test_distill_evl_and_ablations(teacher_dir, tfds_dir, tmp_path, variant,
                                    absent):
   workdir = str(tmp_path / variant)
@@ -121,7 +129,8 @@ def test_heterogeneous_students_distil(teacher_dir, tfds_dir, tmp_path,
 @pytest.mark.parametrize("variant,terms,heads", [
     ("fitnet", {"fitnet"}, {"fitnet"}),
     ("tinybert", {"kd", "tinybert"}, {"tinybert0", "tinybert1", "tinybert2"}),
-    ("rkd", {"rkd"}, None), ("dkd", {"dkd"}, None), ("uld", {"uld"}, None)])
+    pytest.param("rkd", {"rkd"}, None, marks=_SLOW),
+    pytest.param("dkd", {"dkd"}, None, marks=_SLOW), ("uld", {"uld"}, None)])
 def test_baselines_train_through_the_same_step(teacher_dir, tfds_dir, tmp_path,
                                                variant, terms, heads):
   # The labels protocol rides along: a quarter of the records keep labels.
