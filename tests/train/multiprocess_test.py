@@ -52,7 +52,8 @@ def _losses(workdir):
   return [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
 
 
-@pytest.mark.parametrize("parallel", ["pmap", "spmd"])
+@pytest.mark.parametrize("parallel", [
+    "pmap", pytest.param("spmd", marks=pytest.mark.slow)])
 def test_two_processes_reproduce_one(parallel, tfds_dir, tmp_path):
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
   port = _free_port()

@@ -108,6 +108,7 @@ def test_pmap_and_spmd_match_one_device_for_evl(single_device):
   assert single_device[1][-1]["loss"] < single_device[1][0]["loss"]
 
 
+@pytest.mark.slow
 def test_tensor_parallel_matches_pmap_for_kd():
   # Tensor-split matmuls sum in another order; Adam's normalised step
   # turns that float noise into ~1e-5 on a few params after 3 steps.
@@ -131,7 +132,8 @@ def test_spmd_shards_params_optimizer_state_and_teacher():
   assert mlp.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
 
 
-@pytest.mark.parametrize("runner", ["pmap", "spmd"])
+@pytest.mark.parametrize("runner", [
+    "pmap", pytest.param("spmd", marks=pytest.mark.slow)])
 def test_grad_accumulation_equals_the_whole_batch(runner):
   make = runner_lib.Pmap if runner == "pmap" else _spmd
   whole = _run(make(), batch_size=16)

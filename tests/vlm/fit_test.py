@@ -173,6 +173,7 @@ def test_vlm_configs_check_before_compiling():
     vlm_config.get_config("size=3b")
 
 
+@pytest.mark.slow  # ~70 s: two trainings, generation, evaluation.
 def test_pipeline_trains_teacher_then_student_and_reports(tfds_dir,
                                                           tmp_path):
   """The documented command (runlocal): teacher, then student, both
