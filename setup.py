@@ -3,6 +3,11 @@
 import setuptools
 
 JAX_VERSION = "0.10.2"  # [tpu] pins the libtpu wheel that matches this jax.
+# Edge export (evl_ecg_jax.export, docs/deploy.md): jax2onnx converts the
+# jitted inference function, onnxruntime quantises (int8, float16) and runs
+# it. jax2onnx is pinned: 0.13.1 and later pin orbax-checkpoint<0.11.37,
+# which conflicts with the orbax-checkpoint>=0.12 the checkpoints need.
+EXPORT = ["jax2onnx==0.13.0", "onnx>=1.17", "onnxruntime>=1.20"]
 
 setuptools.setup(
     name="evl-ecg-jax",
@@ -41,7 +46,9 @@ setuptools.setup(
             "pytest>=8.0",
             "POT>=0.9.4",
             "scikit-learn>=1.4",
+            *EXPORT,
         ],
+        "export": EXPORT,
         # jax[tpu] pulls the libtpu wheel built for this exact jax release
         # (also what evl_ecg_jax.aot compiles with on a CPU host); gs://
         # workdirs need the GCS clients (orbax via gcsfs, TensorBoard).

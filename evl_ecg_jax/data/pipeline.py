@@ -182,6 +182,21 @@ def train_iterator(data_cfg, *, process_index=0, process_count=1,
   return iter(ds)
 
 
+def sample(data_cfg, split: str, n: int, seed: int) -> dict:
+  """`n` records of `split` drawn without replacement (seeded), preprocessed
+  as for evaluation: {"ecg": [n, T, L], "labels": [n, C], "id": [n]}.
+
+  E.g. the calibration set of int8 quantisation (evl_ecg_jax.export). All
+  records when the split has at most `n`.
+  """
+  src = source(data_cfg, split)
+  rng = np.random.default_rng(seed)
+  rows = np.sort(rng.choice(len(src), min(n, len(src)), replace=False))
+  ds = _preprocessed(grain.MapDataset.source(src).map(_select), data_cfg)
+  records = [ds[int(i)] for i in rows]
+  return {k: np.stack([r[k] for r in records]) for k in FEATURES}
+
+
 def _pad(batch, size: int):
   """Pads a final short batch to `size` rows; adds "mask" (True = real row)."""
   n = len(batch["id"])

@@ -51,7 +51,8 @@ class XResBlock(nn.Module):
     y = gn(n, zero=True)(conv(out, 1 if self.expansion > 1 else
                               self.kernel_size, 1, n)(y))
     if self.stride != 1:  # ResNet-D: average-pool, then 1x1 conv.
-      x = nn.avg_pool(x, (self.stride,), (self.stride,), padding="SAME",
+      x = nn.avg_pool(x, window_shape=(self.stride,),
+                      strides=(self.stride,), padding="SAME",
                       count_include_pad=False).astype(self.dtype)
     if x.shape[-1] != out:
       x = layers.norm("group", name="norm_skip", **kw)(
@@ -96,7 +97,8 @@ class XResNet1D(nn.Module):
       x = layers.conv(w, self.kernel_size, self.stem_stride if i == 0 else 1,
                       use_bias=False, name=f"stem{i}", **kw)(x)
       x = nn.relu(layers.norm("group", name=f"stem_norm{i}", **kw)(x))
-    x = record("stem", nn.max_pool(x, (3,), (2,), padding="SAME"))
+    x = record("stem", nn.max_pool(x, window_shape=(3,), strides=(2,),
+                                    padding="SAME"))
     for s, (width, n) in enumerate(zip(self.widths, self.blocks)):
       for b in range(n):
         x = XResBlock(width, self.expansion, 2 if s > 0 and b == 0 else 1,
