@@ -71,9 +71,10 @@ EVL_TERMS = {"train/ce", "train/mhca", "train/mhca_reconstruction",
              "train/relation", "train/ot"}
 
 
-# The ablations and the batch-relation baselines run under `make
-# test-slow`: switching a term off is unit-tested in tests/losses, and the
-# default suite keeps to ~15 min on 2 cores.
+# The ablations and most baselines run under `make test-slow`: switching a
+# term off and each baseline's loss are unit-tested in tests/losses (and
+# TinyBERT, logit KD + hidden states, trains here), and the default suite
+# keeps to ~15 min on 2 cores.
 _SLOW = pytest.mark.slow
 
 
@@ -81,7 +82,7 @@ _SLOW = pytest.mark.slow
     ("evl", set()),
     pytest.param("evl_no_mhca", {"train/mhca"}, marks=_SLOW),
     pytest.param("evl_no_rel", {"train/relation"}, marks=_SLOW),
-    ("evl_no_ot", {"train/ot"})])
+    pytest.param("evl_no_ot", {"train/ot"}, marks=_SLOW)])
 def test_distill_evl_and_ablations(teacher_dir, tfds_dir, tmp_path, variant,
                                    absent):
   workdir = str(tmp_path / variant)
@@ -103,7 +104,8 @@ def test_distill_evl_and_ablations(teacher_dir, tfds_dir, tmp_path, variant,
     # The two settings: an XResNet1D student of the ViT teacher, and
     # a lead-I (wearable) student of the 12-lead teacher, here with MHCA and
     # relation on intermediate layers and the teacher frozen in bfloat16.
-    ("model=xresnet1d", {}),
+    # (XResNet1D itself trains in tests/models; its distillation run is slow.)
+    pytest.param("model=xresnet1d", {}, marks=_SLOW),
     ("student_leads=I", {"loss.student_hidden_tap": "stage2",
                          "loss.teacher_hidden_tap": "block1",
                          "teacher.frozen_param_dtype": "bfloat16"}),
@@ -127,10 +129,11 @@ def test_heterogeneous_students_distil(teacher_dir, tfds_dir, tmp_path,
 
 
 @pytest.mark.parametrize("variant,terms,heads", [
-    ("fitnet", {"fitnet"}, {"fitnet"}),
+    pytest.param("fitnet", {"fitnet"}, {"fitnet"}, marks=_SLOW),
     ("tinybert", {"kd", "tinybert"}, {"tinybert0", "tinybert1", "tinybert2"}),
     pytest.param("rkd", {"rkd"}, None, marks=_SLOW),
-    pytest.param("dkd", {"dkd"}, None, marks=_SLOW), ("uld", {"uld"}, None)])
+    pytest.param("dkd", {"dkd"}, None, marks=_SLOW),
+    pytest.param("uld", {"uld"}, None, marks=_SLOW)])
 def test_baselines_train_through_the_same_step(teacher_dir, tfds_dir, tmp_path,
                                                variant, terms, heads):
   # The labels protocol rides along: a quarter of the records keep labels.
@@ -208,6 +211,9 @@ def test_unknown_feature_tap_is_a_config_error(teacher_dir, tfds_dir,
   assert not (tmp_path / "run").exists()
 
 
+# Slow: tests/train/preemption_test.py resumes the documented command after
+# SIGTERM and SIGKILL and checks the same bit-identical result.
+@_SLOW
 def test_resume_gives_the_uninterrupted_result(tfds_dir, tmp_path):
   straight = str(tmp_path / "straight")
   loop.fit(_config("mode=distill,loss=ce", tfds_dir), straight)

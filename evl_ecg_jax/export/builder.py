@@ -88,16 +88,14 @@ def _metadata(trained, shape, options) -> dict:
   }
 
 
-def _variants(trained, shape, options) -> dict[str, onnx.ModelProto]:
+def _variants(trained, shape, options, calibration
+              ) -> dict[str, onnx.ModelProto]:
   float32 = graph.convert(trained.probabilities(), shape,
                           batch=options.batch, opset=options.opset)
   out = {"float32": float32}
   if "float16" in options.precisions:
     out["float16"] = quantize.float16(float32)
   if "int8" in options.precisions:
-    calibration = pipeline.sample(trained.config.data, "train",
-                                  options.calibration_examples,
-                                  options.calibration_seed)["ecg"]
     out["int8"] = quantize.int8(float32, calibration, batch=options.batch,
                                 method=options.calibration_method)
   return {p: out[p] for p in options.precisions}
@@ -116,13 +114,17 @@ def export(workdir: str, out_dir: str | None = None,
   out_dir = os.path.abspath(out_dir or os.path.join(workdir, "export"))
   shape = trained.input_shape
   meta = _metadata(trained, shape, options)
-  variants = _variants(trained, shape, options)
+  calibration = np.zeros((0,) + shape, np.float32)
+  if "int8" in options.precisions:
+    calibration = pipeline.sample(trained.config.data, "train",
+                                  options.calibration_examples,
+                                  options.calibration_seed)["ecg"]
+  variants = _variants(trained, shape, options, calibration)
   ecg, labels = _split(trained.config.data, options.split,
                        options.parity_examples)
   reference = trained.predict(ecg)
   report = {**meta, "opset": options.opset, "parity_split": options.split,
-            "calibration": {"split": "train",
-                            "examples": options.calibration_examples,
+            "calibration": {"split": "train", "examples": len(calibration),
                             "seed": options.calibration_seed,
                             "method": options.calibration_method},
             "variants": {}}

@@ -112,15 +112,14 @@ def tokenizers(config, workdir: str, descriptions) -> dict:
   return out
 
 
-def _images_and_labels(config, split: str, limit: int = 0):
-  """Rendered images [N, H, W, 1] and labels [N, C] of a split."""
+def _images_and_labels(batcher: data_lib.Batcher, data_cfg, split: str,
+                       limit: int = 0):
+  """Rendered images [N, H, W, 1] (the batcher's recipe) and labels [N, C]
+  of a split, the first `limit` records (0: all)."""
   images, labels = [], []
-  for batch in pipeline.eval_batches(config.data, split):
+  for batch in pipeline.eval_batches(data_cfg, split):
     keep = batch["mask"]
-    images.append(data_lib.images(batch["ecg"][keep],
-                                  config.data.sampling_rate,
-                                  config.vlm.image_size,
-                                  render_spec(config)))
+    images.append(batcher.images(batch["ecg"][keep]))
     labels.append(batch["labels"][keep])
     if limit and sum(map(len, labels)) >= limit:
       break
@@ -139,25 +138,37 @@ def qa_triples(labels, class_names, descriptions, seed) -> list:
   return out
 
 
-def _evaluate(config, model, params, tokenizer, descriptions, splits,
-              *, soft_only=False, limit=0) -> dict:
+def _evaluate(config, batcher, model, params, tokenizer, descriptions,
+              splits) -> dict:
+  """Every metric (generation, soft P(yes), QA) on each of `splits`."""
   out = {}
+  names = tuple(config.data.class_names)
   for split in splits:
-    images, labels = _images_and_labels(config, split, limit)
-    names = tuple(config.data.class_names)
-    if soft_only:
-      scores = evaluate_lib.soft_scores(
-          model, params, images, tokenizer, names, descriptions,
-          batch_size=config.vlm.eval_batch_size)
-      metrics = evaluate_lib.soft_metrics(scores, labels, names)
-    else:
-      metrics = evaluate_lib.evaluate(
-          model, params, images, labels, tokenizer, names, descriptions,
-          qa=qa_triples(labels, names, descriptions, config.seed),
-          max_new_tokens=config.vlm.max_new_tokens,
-          batch_size=config.vlm.eval_batch_size)
+    images, labels = _images_and_labels(batcher, config.data, split)
+    metrics = evaluate_lib.evaluate(
+        model, params, images, labels, tokenizer, names, descriptions,
+        qa=qa_triples(labels, names, descriptions, config.seed),
+        max_new_tokens=config.vlm.max_new_tokens,
+        batch_size=config.vlm.eval_batch_size)
     out.update({f"{split}/{k}": v for k, v in metrics.items()})
   return out
+
+
+def _validator(config, batcher, model, tokenizer, descriptions):
+  """params -> soft P(yes) metrics on the first `config.vlm.
+  validation_records` of eval.splits[0], rendered once per run."""
+  split = config.eval.splits[0]
+  images, labels = _images_and_labels(batcher, config.data, split,
+                                      config.vlm.validation_records)
+  names = tuple(config.data.class_names)
+
+  def validate(params):
+    scores = evaluate_lib.soft_scores(
+        model, params["model"], images, tokenizer, names, descriptions,
+        batch_size=config.vlm.eval_batch_size)
+    return {f"{split}/{k}": v for k, v in
+            evaluate_lib.soft_metrics(scores, labels, names).items()}
+  return validate
 
 
 def fit(config, workdir: str) -> dict:
@@ -201,8 +212,8 @@ def fit(config, workdir: str) -> dict:
   else:
     params = _train(config, workdir, run, model, teacher, objective, task,
                     batcher, example, toks[trained], descriptions)
-  results = _evaluate(config, model, params["model"], toks[trained],
-                      descriptions, config.eval.splits)
+  results = _evaluate(config, batcher, model, params["model"],
+                      toks[trained], descriptions, config.eval.splits)
   results.update(model=config[trained].preset, parallel=run.name,
                  num_params=int(sum(x.size for x in jax.tree.leaves(
                      params["model"]))))
@@ -250,10 +261,7 @@ def _train(config, workdir, run, model, teacher, objective, task, batcher,
   return {"model": trainer.train(
       config, workdir, run, init=init,
       step_fn=step_fn, batches=batches, model_batch=_model_batch,
-      validate=lambda params: _evaluate(
-          config, model, params["model"], tokenizer, descriptions,
-          config.eval.splits[:1], soft_only=True,
-          limit=config.vlm.validation_records),
+      validate=_validator(config, batcher, model, tokenizer, descriptions),
       teacher_params=teacher_params,
       teacher_abstract=teacher_abstract)["model"]}
 

@@ -170,6 +170,7 @@ def test_metadata_says_what_the_graph_expects(exported, tfds_dir):
     assert meta["input"]["leads"][:3] == ["I", "II", "III"]
     assert meta["input"]["sampling_rate_hz"] == 100
     assert meta["preprocessing"]["standardize"] is False
+  assert report["calibration"]["examples"] == 128  # the whole tiny split
   with open(os.path.join(out, "export.json")) as f:
     assert json.load(f) == json.loads(json.dumps(report))
 

@@ -90,7 +90,10 @@ def _assert_same(run_a, run_b):
                state_b.params, state_a.params)
 
 
-@pytest.mark.parametrize("loss", ["ce", "kd", "evl"])
+# EVL's pmap-vs-one-device parity also runs in the default suite, in
+# tests/train/parallel_modes_test.py (pmap and spmd); here it is slow.
+@pytest.mark.parametrize("loss", ["ce", "kd",
+                                  pytest.param("evl", marks=pytest.mark.slow)])
 def test_eight_devices_match_one(loss):
   assert jax.device_count() >= 8
   state1, hist1 = run1 = _run(1, loss)
@@ -101,7 +104,8 @@ def test_eight_devices_match_one(loss):
 
 
 @pytest.mark.parametrize("loss,wrapper", [
-    ("kd", "shard_map"), ("kd", "shard_map_unchecked"),
+    ("kd", "shard_map"),
+    pytest.param("kd", "shard_map_unchecked", marks=pytest.mark.slow),
     ("evl", "shard_map_unchecked")])
 def test_shard_map_on_a_mesh_matches_pmap(loss, wrapper):
   """The same per-device step under jit + shard_map agrees with pmap.
