@@ -90,9 +90,11 @@ def _assert_same(run_a, run_b):
                state_b.params, state_a.params)
 
 
-# EVL's pmap-vs-one-device parity also runs in the default suite, in
-# tests/train/parallel_modes_test.py (pmap and spmd); here it is slow.
-@pytest.mark.parametrize("loss", ["ce", "kd",
+# kd (whose loss holds the CE term) stays in the default suite; EVL's
+# pmap-vs-one-device parity runs there in tests/train/parallel_modes_test.py
+# (pmap and spmd); ce and evl here are slow.
+@pytest.mark.parametrize("loss", [pytest.param("ce", marks=pytest.mark.slow),
+                                  "kd",
                                   pytest.param("evl", marks=pytest.mark.slow)])
 def test_eight_devices_match_one(loss):
   assert jax.device_count() >= 8
