@@ -13,13 +13,23 @@ static int8).
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 
 from absl import app
 from absl import flags
 
+_MISSING = [m for m in ("onnx", "onnxruntime", "jax2onnx")
+            if importlib.util.find_spec(m) is None]
+if _MISSING:
+  sys.exit(f"Edge export needs the [export] extra ({', '.join(_MISSING)} "
+           "not installed): pip install -e '.[export]' (make test installs "
+           "it).")
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from evl_ecg_jax.export import builder
 from evl_ecg_jax.export import trained as trained_lib
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 _D = builder.Options()
 _WORKDIR = flags.DEFINE_string("workdir", None,
