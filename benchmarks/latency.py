@@ -101,13 +101,12 @@ def _preset(size: str):
   sys.path.insert(0, _REPO)
   from configs import default  # pylint: disable=g-import-not-at-top
   from evl_ecg_jax import models  # pylint: disable=g-import-not-at-top
+  from evl_ecg_jax.export import trained as trained_lib  # pylint: disable=g-import-not-at-top
   config = default.get_config(f"teacher_size={size}")
   model = models.get(config.teacher, len(config.data.class_names))
   params = models.init_params(model, jax.random.PRNGKey(0),
                               jax.numpy.zeros((1, 1000, 12)))
-  fn = jax.jit(lambda ecg: jax.nn.sigmoid(
-      model.apply({"params": params}, ecg, taps=())[0]))
-  return fn, params
+  return jax.jit(trained_lib.probabilities(model, params)), params
 
 
 def _worker(case: str) -> None:
@@ -163,11 +162,13 @@ def _export(out):
 
 
 def _test_ecgs(path, n=64):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from evl_ecg_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from evl_ecg_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from evl_ecg_jax.export import trained as trained_lib  # pylint: disable=g-import-not-at-top
-  data = trained_lib.load(_STUDENT.value).config.data
-  batch = next(pipeline.eval_batches(data, "test"))
-  np.save(path, batch["ecg"][batch["mask"]][:n].astype(np.float32))
+  data = ml_collections.ConfigDict(
+      checkpoint.load_config(_STUDENT.value)).data
+  np.save(path, pipeline.split_records(data, "test", n)["ecg"]
+          .astype(np.float32))
 
 
 def _summary(results, teacher, student):

@@ -182,19 +182,35 @@ def train_iterator(data_cfg, *, process_index=0, process_count=1,
   return iter(ds)
 
 
+def _records(data_cfg, split: str):
+  """The split's records in order, preprocessed (a grain MapDataset)."""
+  return _preprocessed(grain.MapDataset.source(source(data_cfg, split))
+                       .map(_select), data_cfg)
+
+
+def _stack(records) -> dict:
+  return {k: np.stack([r[k] for r in records]) for k in FEATURES}
+
+
+def split_records(data_cfg, split: str, limit: int = 0) -> dict:
+  """The first `limit` records of `split` (0: all), preprocessed as for
+  evaluation: {"ecg": [N, T, L], "labels": [N, C], "id": [N]}."""
+  ds = _records(data_cfg, split)
+  n = min(limit, len(ds)) if limit else len(ds)
+  return _stack([ds[i] for i in range(n)])
+
+
 def sample(data_cfg, split: str, n: int, seed: int) -> dict:
   """`n` records of `split` drawn without replacement (seeded), preprocessed
-  as for evaluation: {"ecg": [n, T, L], "labels": [n, C], "id": [n]}.
+  as for evaluation (as `split_records`).
 
   E.g. the calibration set of int8 quantisation (evl_ecg_jax.export). All
   records when the split has at most `n`.
   """
-  src = source(data_cfg, split)
+  ds = _records(data_cfg, split)
   rng = np.random.default_rng(seed)
-  rows = np.sort(rng.choice(len(src), min(n, len(src)), replace=False))
-  ds = _preprocessed(grain.MapDataset.source(src).map(_select), data_cfg)
-  records = [ds[int(i)] for i in rows]
-  return {k: np.stack([r[k] for r in records]) for k in FEATURES}
+  rows = np.sort(rng.choice(len(ds), min(n, len(ds)), replace=False))
+  return _stack([ds[int(i)] for i in rows])
 
 
 def _pad(batch, size: int):
@@ -210,8 +226,6 @@ def _pad(batch, size: int):
 def eval_batches(data_cfg, split: str, *, process_index=0, process_count=1):
   """Yields every example of this process's shard once, in padded batches."""
   batch = host_batch_size(data_cfg.eval_batch_size, process_count)
-  ds = _preprocessed(grain.MapDataset.source(source(data_cfg, split))
-                    [process_index::process_count].map(_select),
-                    data_cfg).batch(batch)
+  ds = _records(data_cfg, split)[process_index::process_count].batch(batch)
   for b in ds:
     yield _pad(b, batch)

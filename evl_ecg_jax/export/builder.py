@@ -53,18 +53,6 @@ class Options:
           f"--batch={self.batch}: expected 0 (dynamic) or a positive size.")
 
 
-def _split(data_cfg, split: str, limit: int) -> tuple[np.ndarray, np.ndarray]:
-  """(ecg [N, T, L], labels [N, C]) of `split`, the first `limit` (0: all)."""
-  ecg, labels = [], []
-  for batch in pipeline.eval_batches(data_cfg, split):
-    ecg.append(batch["ecg"][batch["mask"]])
-    labels.append(batch["labels"][batch["mask"]])
-    if limit and sum(map(len, ecg)) >= limit:
-      break
-  ecg, labels = np.concatenate(ecg), np.concatenate(labels)
-  return (ecg[:limit], labels[:limit]) if limit else (ecg, labels)
-
-
 def _metadata(trained, shape, options) -> dict:
   """What a deployed graph expects and where it came from."""
   data = trained.config.data
@@ -120,8 +108,9 @@ def export(workdir: str, out_dir: str | None = None,
                                   options.calibration_examples,
                                   options.calibration_seed)["ecg"]
   variants = _variants(trained, shape, options, calibration)
-  ecg, labels = _split(trained.config.data, options.split,
-                       options.parity_examples)
+  records = pipeline.split_records(trained.config.data, options.split,
+                                   options.parity_examples)
+  ecg, labels = records["ecg"], records["labels"]
   reference = trained.predict(ecg)
   report = {**meta, "opset": options.opset, "parity_split": options.split,
             "calibration": {"split": "train", "examples": len(calibration),

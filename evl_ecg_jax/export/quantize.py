@@ -85,13 +85,16 @@ def int8(model: onnx.ModelProto, calibration: np.ndarray, *,
                      f"one batch of {chunk}.")
   hint = _NoPreprocessingHint()
   logging.getLogger().addFilter(hint)
-  with tempfile.TemporaryDirectory() as tmp:
-    out = os.path.join(tmp, "int8.onnx")
-    q.quantize_static(
-        _copy(model), out, _Calibration(calibration.astype(np.float32), chunk),
-        quant_format=q.QuantFormat.QDQ, op_types_to_quantize=list(INT8_OPS),
-        per_channel=True, reduce_range=reduce_range,
-        activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
-        calibrate_method=methods[method])
+  try:
+    with tempfile.TemporaryDirectory() as tmp:
+      out = os.path.join(tmp, "int8.onnx")
+      q.quantize_static(
+          _copy(model), out,
+          _Calibration(calibration.astype(np.float32), chunk),
+          quant_format=q.QuantFormat.QDQ,
+          op_types_to_quantize=list(INT8_OPS), per_channel=True,
+          reduce_range=reduce_range, activation_type=q.QuantType.QUInt8,
+          weight_type=q.QuantType.QInt8, calibrate_method=methods[method])
+      return onnx.load(out)
+  finally:
     logging.getLogger().removeFilter(hint)
-    return onnx.load(out)

@@ -32,12 +32,13 @@ def predict(sess: ort.InferenceSession, ecg: np.ndarray,
             batch_size: int = 256) -> np.ndarray:
   """Probabilities [N, C] for ECGs [N, T, L]; a fixed-batch graph gets its
   batch size, the last chunk zero-padded."""
-  size = fixed_batch(sess) or batch_size
+  fixed = fixed_batch(sess)
+  size = fixed or batch_size
   out = []
   for i in range(0, len(ecg), size):
     chunk = ecg[i:i + size].astype(np.float32)
     n = len(chunk)
-    if n < size and fixed_batch(sess):
+    if n < size and fixed:
       chunk = np.concatenate([chunk, np.zeros((size - n,) + chunk.shape[1:],
                                               np.float32)])
     out.append(sess.run([graph.OUTPUT], {graph.INPUT: chunk})[0][:n])

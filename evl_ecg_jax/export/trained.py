@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -40,17 +39,22 @@ class Trained:
     return tuple(int(d) for d in example.shape)
 
   def probabilities(self):
-    """ecg [B, T, L] -> per-class probabilities [B, C] (a pure function of
-    the signal: the params are closed over, so an exporter sees constants)."""
-    return functools.partial(
-        lambda params, ecg: step_lib.predict_step(
-            {"model": params}, {"ecg": ecg}, model=self.model), self.params)
+    """ecg -> probabilities of this model (see `probabilities`)."""
+    return probabilities(self.model, self.params)
 
   def predict(self, ecg: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """JAX probabilities for host ECGs [N, T, L] (jitted, in batches)."""
     fn = jax.jit(self.probabilities())
     return np.concatenate([np.asarray(fn(ecg[i:i + batch_size]))
                            for i in range(0, len(ecg), batch_size)])
+
+
+def probabilities(model: nn.Module, params):
+  """ecg [B, T, L] -> per-class probabilities [B, C] (the eval predictor,
+  train/step.predict_step, as a pure function of the signal: the params are
+  closed over, so an exporter sees constants)."""
+  return lambda ecg: step_lib.predict_step({"model": params}, {"ecg": ecg},
+                                           model=model)
 
 
 def load(workdir: str, which: str = "best", *,

@@ -114,17 +114,14 @@ def tokenizers(config, workdir: str, descriptions) -> dict:
 
 def _images_and_labels(batcher: data_lib.Batcher, data_cfg, split: str,
                        limit: int = 0):
-  """Rendered images [N, H, W, 1] (the batcher's recipe) and labels [N, C]
-  of a split, the first `limit` records (0: all)."""
-  images, labels = [], []
-  for batch in pipeline.eval_batches(data_cfg, split):
-    keep = batch["mask"]
-    images.append(batcher.images(batch["ecg"][keep]))
-    labels.append(batch["labels"][keep])
-    if limit and sum(map(len, labels)) >= limit:
-      break
-  images, labels = np.concatenate(images), np.concatenate(labels)
-  return (images[:limit], labels[:limit]) if limit else (images, labels)
+  """Rendered images [N, H, W, 1] (the batcher's recipe, in chunks of
+  eval_batch_size) and labels [N, C] of the first `limit` records of a
+  split (0: all)."""
+  records = pipeline.split_records(data_cfg, split, limit)
+  ecg, size = records["ecg"], data_cfg.eval_batch_size
+  images = np.concatenate([batcher.images(ecg[i:i + size])
+                           for i in range(0, len(ecg), size)])
+  return images, records["labels"]
 
 
 def qa_triples(labels, class_names, descriptions, seed) -> list:

@@ -357,3 +357,19 @@ def test_report_table_flags_a_missed_bound():
   assert "| float32 | 0.002 |" in text and "max_abs_diff <= 0.0001: ok" in text
   assert "abs_delta_auc_points <= 0.5: MISSED" in text
   assert builder.missed(report) == ["int8"]
+
+
+def test_split_records_are_the_eval_batches_in_order(tfds_dir):
+  data = _config(tfds_dir).data
+  ecg, labels, ids = [], [], []
+  for batch in pipeline.eval_batches(data, "test"):
+    keep = batch["mask"]
+    ecg.append(batch["ecg"][keep])
+    labels.append(batch["labels"][keep])
+    ids.append(batch["id"][keep])
+  every = pipeline.split_records(data, "test")
+  np.testing.assert_array_equal(every["ecg"], np.concatenate(ecg))
+  np.testing.assert_array_equal(every["labels"], np.concatenate(labels))
+  np.testing.assert_array_equal(every["id"], np.concatenate(ids))
+  first = pipeline.split_records(data, "test", limit=10)
+  np.testing.assert_array_equal(first["id"], every["id"][:10])
