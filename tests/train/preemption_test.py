@@ -22,20 +22,31 @@ STEPS = 60
 
 
 def _start(workdir, tfds_dir, ckpt_every=STEPS):
+  """The run in its own process; its output goes to <workdir>.log (a pipe
+  nobody reads while the test polls would fill and stall the run)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  return subprocess.Popen(
-      [sys.executable, "-m", "evl_ecg_jax.main",
-       "--config=configs/default.py:mode=train_teacher,runlocal",
-       f"--config.data.data_dir={tfds_dir}", f"--workdir={workdir}",
-       f"--config.total_steps={STEPS}", f"--config.ckpt_every_steps={ckpt_every}",
-       f"--config.eval_every_steps={STEPS}", "--config.log_every_steps=1"],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      text=True)
+  with open(workdir + ".log", "w") as log:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "evl_ecg_jax.main",
+         "--config=configs/default.py:mode=train_teacher,runlocal",
+         f"--config.data.data_dir={tfds_dir}", f"--workdir={workdir}",
+         f"--config.total_steps={STEPS}",
+         f"--config.ckpt_every_steps={ckpt_every}",
+         f"--config.eval_every_steps={STEPS}", "--config.log_every_steps=1"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+  proc.log_path = log.name
+  return proc
+
+
+def _output(proc):
+  with open(proc.log_path) as f:
+    return f.read()
 
 
 def _finish(proc):
-  out = proc.communicate(timeout=600)[0]
+  proc.wait(timeout=600)
+  out = _output(proc)
   assert proc.returncode == 0, out[-3000:]
   return out
 
@@ -59,7 +70,7 @@ def whole(tfds_dir, tmp_path_factory):
 def _wait_for_step(proc, workdir, step):
   deadline = time.time() + 300
   while len(_logged_steps(workdir)) < step and time.time() < deadline:
-    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    assert proc.poll() is None, _output(proc)[-3000:]
     time.sleep(0.05)
 
 
@@ -92,7 +103,7 @@ def test_sigkill_at_a_random_step_resumes_exactly(whole, tfds_dir, tmp_path):
   proc = _start(cut, tfds_dir, ckpt_every=7)
   _wait_for_step(proc, cut, kill_at)
   proc.kill()
-  proc.communicate(timeout=60)
+  proc.wait(timeout=60)
   assert proc.returncode == -signal.SIGKILL, f"killed at step {kill_at}"
   saved = checkpoint.latest_step(cut)
   assert saved is not None and saved % 7 == 0, (kill_at, saved)
