@@ -35,14 +35,25 @@ def _main(workdir, tfds_dir, parallel, devices, extra=()):
          f"parallel={parallel}",
          f"--config.data.data_dir={tfds_dir}", f"--workdir={workdir}",
          *extra]
-  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  # Output to a file: the processes run at once and are waited on in turn,
+  # so an unread pipe that filled would stall a process (and, through the
+  # collectives, its peer).
+  log = f"{workdir}.{extra[-1].split('=')[-1] if extra else 'single'}.log"
+  with open(log, "w") as f:
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f,
+                            stderr=subprocess.STDOUT, text=True)
+  proc.log_path = log
+  return proc
 
 
 def _wait(procs, timeout=600):
-  outs = [p.communicate(timeout=timeout)[0] for p in procs]
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-3000:]
+  for p in procs:
+    p.wait(timeout=timeout)
+  outs = []
+  for p in procs:
+    with open(p.log_path) as f:
+      outs.append(f.read())
+    assert p.returncode == 0, outs[-1][-3000:]
   return outs
 
 
