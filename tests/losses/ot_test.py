@@ -230,3 +230,128 @@ def test_bad_arguments_are_named():
     losses.ot_loss(t, s, epsilon=0.1, plan_gradient="unrolled")
   with pytest.raises(ValueError, match="epsilon"):
     losses.ot_loss(t, s, epsilon=0.0)
+
+
+# --- Departures from the paper: temporal cost, relative ε, Sinkhorn
+# divergence (docs/evl.md). References: POT's plans, numpy formulas.
+
+
+def _positions(n):
+  return (np.arange(n) + 0.5) / n
+
+
+def _augment(x, beta):
+  """[B, N, D] -> [B, N, D + 1]: ‖x̃_i − ỹ_j‖² = ‖x_i − y_j‖² + β (τ_i − τ_j)²."""
+  tau = np.broadcast_to(_positions(x.shape[1])[None, :, None],
+                        x.shape[:2] + (1,))
+  return np.concatenate([x, np.sqrt(beta) * tau], axis=-1)
+
+
+def _pot_entropic(x, y, eps):
+  """OT_ε = ⟨P, C⟩ + ε KL(P ‖ a⊗b) with POT's plan (uniform weights)."""
+  a, b = np.full(len(x), 1 / len(x)), np.full(len(y), 1 / len(y))
+  cost = pot.dist(x, y)
+  plan = pot.sinkhorn(a, b, cost, eps, method="sinkhorn_log",
+                      numItermax=100_000, stopThr=1e-13)
+  ab = a[:, None] * b[None]
+  kl = np.sum(plan * np.log(plan / ab)) - plan.sum() + ab.sum()
+  return np.sum(plan * cost) + eps * kl
+
+
+def _pot_divergence(t, s, eps):
+  return float(np.mean([
+      _pot_entropic(t[i], s[i], eps) - 0.5 * _pot_entropic(t[i], t[i], eps)
+      - 0.5 * _pot_entropic(s[i], s[i], eps) for i in range(len(t))]))
+
+
+def test_time_weight_is_the_cost_of_time_augmented_tokens():
+  t, s = _clouds(10)
+  beta = 3.0
+  with jax.enable_x64(True):
+    value = float(losses.ot_loss(t, s, epsilon=0.2, time_weight=beta,
+                                 **TIGHT))
+  assert value == pytest.approx(
+      _pot_loss(_augment(t, beta), _augment(s, beta), 0.2), rel=1e-7)
+
+
+def test_relative_epsilon_is_epsilon_times_the_cost_spread():
+  t, s = _clouds(11, b=2)
+  with jax.enable_x64(True):
+    value = float(losses.ot_loss(t, s, epsilon=0.3, relative_epsilon=True,
+                                 **TIGHT))
+    per_seq = [float(losses.ot_loss(
+        t[i:i + 1], s[i:i + 1], epsilon=0.3 * float(np.std(pot.dist(
+            t[i], s[i]))), **TIGHT)) for i in range(2)]
+  assert value == pytest.approx(np.mean(per_seq), rel=1e-7)
+  # Scale-free: the plan of 10x larger tokens is the same, so the cost
+  # grows exactly 100x.
+  with jax.enable_x64(True):
+    big = float(losses.ot_loss(10 * t, 10 * s, epsilon=0.3,
+                               relative_epsilon=True, **TIGHT))
+  assert big == pytest.approx(100 * value, rel=1e-6)
+
+
+@pytest.mark.parametrize("eps", [0.2, 1.0])
+def test_debiased_matches_pot_sinkhorn_divergence(eps):
+  t, s = _clouds(12)
+  with jax.enable_x64(True):
+    value = float(losses.ot_loss(t, s, epsilon=eps, debiased=True, **TIGHT))
+  assert value == pytest.approx(_pot_divergence(t, s, eps), rel=1e-6)
+  value32 = float(losses.ot_loss(t, s, epsilon=eps, debiased=True))
+  assert value32 == pytest.approx(_pot_divergence(t, s, eps), rel=2e-3)
+
+
+def test_debiased_is_zero_for_equal_clouds_and_removes_the_shrink_bias():
+  t, s = _clouds(13, b=1, n=8, m=8)
+  # ε as large as the cost's spread (where the paper's ε sat, issue #19).
+  kw = dict(epsilon=1.0, relative_epsilon=True, **TIGHT)
+  with jax.enable_x64(True):
+    div = lambda x, y: float(losses.ot_loss(x, y, debiased=True, **kw))
+    biased = lambda x, y: float(losses.ot_loss(x, y, **kw))
+    assert abs(div(t, t)) < 1e-10 and div(t, s) > 0
+    # Shrinking a cloud towards its mean lowers ⟨P*, C⟩ against a
+    # reference cloud with the same mean, but moves it away in S_ε.
+    centre = s.mean(axis=1, keepdims=True)
+    shrunk = centre + 0.2 * (s - centre)
+    same_mean = t - t.mean(axis=1, keepdims=True) + centre
+    assert biased(same_mean, shrunk) < biased(same_mean, s)
+    assert div(same_mean, shrunk) > div(same_mean, s)
+
+
+def test_debiased_gradient_matches_finite_differences():
+  rng = np.random.default_rng(14)
+  t, s = rng.normal(size=(2, 7, 3)), rng.normal(size=(2, 5, 3))
+  mask = np.ones((2, 7), bool)
+  mask[1, -2:] = False
+  with jax.enable_x64(True):
+    f = jax.jit(lambda s_: losses.ot_loss(
+        t, s_, epsilon=0.3, teacher_mask=mask, debiased=True,
+        time_weight=2.0, relative_epsilon=True, **TIGHT))
+    g = jax.grad(f)(s)
+    d = rng.normal(size=s.shape)
+    h = 1e-5
+  # ε is held constant in the gradient (relative_epsilon): the finite
+  # difference sees it move, so compare at fixed ε too.
+  with jax.enable_x64(True):
+    eps = [0.3 * float(np.std(pot.dist(t[i][mask[i]], s[i]) + 2.0 * (
+        _positions(mask[i].sum())[:, None] - _positions(5)[None]) ** 2))
+           for i in range(2)]
+    fixed = lambda s_: jnp.mean(jnp.stack([losses.ot_loss(
+        t[i:i + 1, mask[i]], s_[i:i + 1], epsilon=eps[i], debiased=True,
+        time_weight=2.0, **TIGHT) for i in range(2)]))
+    fd_fixed = (fixed(s + h * d) - fixed(s - h * d)) / (2 * h)
+  assert float(fd_fixed) == pytest.approx(float(np.vdot(g, d)), rel=1e-6)
+
+
+def test_transport_plans_follow_the_time_axis():
+  rng = np.random.default_rng(15)
+  t, s = rng.normal(size=(1, 20, 4)), rng.normal(size=(1, 10, 4))
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  plans = {beta: np.asarray(losses.ot.transport_plans(
+      unit(t), unit(s), epsilon=0.05, time_weight=beta, threshold=1e-6))[0]
+           for beta in (0.0, 50.0)}
+  near = np.abs(_positions(20)[:, None] - _positions(10)[None]) <= 0.1
+  for plan in plans.values():
+    np.testing.assert_allclose(plan.sum(1), 1 / 20, atol=1e-4)
+    np.testing.assert_allclose(plan.sum(0), 1 / 10, atol=1e-4)
+  assert plans[50.0][near].sum() > 0.9 > plans[0.0][near].sum()
