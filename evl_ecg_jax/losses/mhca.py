@@ -22,10 +22,20 @@ initial loss, a student that sees the teacher's input goes lower):
    term: a decoder with learned per-position queries must rebuild the
    (standardised) teacher states from Ĥ_t alone, so Ĥ_t keeps the teacher's
    information at the student's positions (`mhca_reconstruction_loss`).
+
+Departure from the paper (`time_sigma` > 0; docs/evl.md): attention logits
+get a temporal prior −(τ_q − τ_k)² / (2σ²), τ the token's relative position
+in its sequence. Teacher and student tokens cover the same 10 s in the same
+order, but attention on content alone gave Ĥ_t one vector repeated at every
+position (mean token cosine 0.95): each student position was compared with
+the teacher's average, not with what the teacher saw at that time. The
+decoder gets the same prior, so the reconstruction must come from Ĥ_t's
+nearby positions.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import flax.linen as nn
@@ -39,6 +49,40 @@ def _attention_mask(key_mask):
   """[B, K] bool key mask -> [B, 1, 1, K], broadcast over heads and queries."""
   return None if key_mask is None else jnp.asarray(key_mask, bool)[:, None,
                                                                     None, :]
+
+
+def relative_positions(mask, batch, n):
+  """[B, n] position τ ∈ (0, 1) of each token among the valid ones of its
+  sequence, (k + ½)/n_valid (0 on padding)."""
+  valid = (jnp.ones((batch, n), jnp.float32) if mask is None
+           else jnp.asarray(mask, jnp.float32))
+  count = jnp.maximum(jnp.sum(valid, axis=-1, keepdims=True), 1.0)
+  return (jnp.cumsum(valid, axis=-1) - 0.5 * valid) / count * valid
+
+
+def temporal_prior(query_mask, key_mask, shape, sigma):
+  """[B, 1, Q, K] log-prior −(τ_q − τ_k)² / (2σ²) on attention logits."""
+  batch, q, k = shape
+  tau_q = relative_positions(query_mask, batch, q)
+  tau_k = relative_positions(key_mask, batch, k)
+  return (-(tau_q[:, :, None] - tau_k[:, None, :]) ** 2
+          / (2.0 * sigma**2))[:, None]
+
+
+def _tempered_attention(query, key, value, mask=None, dropout_rng=None,
+                        dropout_rate=0.0, broadcast_dropout=True,
+                        deterministic=False, dtype=None, precision=None,
+                        module=None, *, prior=None, temperature=1.0):
+  """nn.dot_product_attention with a logit bias (`prior`) and a temperature.
+
+  The parameters are spelled out: flax passes an `attention_fn` only the
+  keyword arguments its signature names (the mask among them).
+  """
+  return nn.dot_product_attention(
+      query / temperature, key, value, bias=prior, mask=mask,
+      dropout_rng=dropout_rng, dropout_rate=dropout_rate,
+      broadcast_dropout=broadcast_dropout, deterministic=deterministic,
+      dtype=dtype, precision=precision, module=module)
 
 
 class MHCAAligner(nn.Module):
@@ -57,13 +101,37 @@ class MHCAAligner(nn.Module):
     qkv_features: width of W^Q, W^K, W^V (default: the student width Ds).
     reconstruct: build the decoder and return the reconstruction.
     stop_query_gradient: queries are stop_gradient(H_s).
+    time_sigma: σ of the temporal prior on both attentions, in units of the
+      sequence length (0: none, the paper's content-only attention).
+    temperature: attention logits are divided by it.
     dtype: computation dtype (parameters stay float32).
+
+  The attention weights are sown as intermediates "align"/"decode"
+  ("attention_weights", [B, H, Q, K]) for diagnostics.
   """
   num_heads: int = 4
   qkv_features: Optional[int] = None
   reconstruct: bool = True
   stop_query_gradient: bool = True
+  time_sigma: float = 0.0
+  temperature: float = 1.0
   dtype: jnp.dtype = jnp.float32
+
+  def _attention(self, features, out_features, name, queries, keys,
+                 query_mask, key_mask):
+    bias = None
+    if self.time_sigma > 0:
+      bias = temporal_prior(query_mask, key_mask,
+                            (queries.shape[0], queries.shape[1],
+                             keys.shape[1]), self.time_sigma)
+    return nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, qkv_features=features,
+        out_features=out_features, use_bias=False, dtype=self.dtype,
+        attention_fn=functools.partial(
+            _tempered_attention, prior=bias, temperature=self.temperature),
+        name=name)(
+            queries, keys, mask=_attention_mask(key_mask),
+            sow_weights=self.is_mutable_collection("intermediates"))
 
   @nn.compact
   def __call__(self, student_hidden, teacher_hidden, *, teacher_mask=None,
@@ -75,20 +143,16 @@ class MHCAAligner(nn.Module):
       queries = jax.lax.stop_gradient(queries)
     queries = _ops.standardize(queries).astype(self.dtype)
     keys = _ops.standardize(teacher_hidden).astype(self.dtype)
-    aligned = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, qkv_features=features, out_features=width_s,
-        use_bias=False, dtype=self.dtype, name="align")(
-            queries, keys, mask=_attention_mask(teacher_mask))
+    aligned = self._attention(features, width_s, "align", queries, keys,
+                              student_mask, teacher_mask)
     if not self.reconstruct:
       return aligned, None
     positions = self.param("decoder_queries", nn.initializers.normal(1.0),
                            (teacher_hidden.shape[1], features))
     positions = jnp.broadcast_to(positions.astype(self.dtype),
                                  (aligned.shape[0],) + positions.shape)
-    reconstruction = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, qkv_features=features, out_features=width_t,
-        use_bias=False, dtype=self.dtype, name="decode")(
-            positions, aligned, mask=_attention_mask(student_mask))
+    reconstruction = self._attention(features, width_t, "decode", positions,
+                                     aligned, teacher_mask, student_mask)
     return aligned, reconstruction
 
 

@@ -128,6 +128,63 @@ def test_bf16_large_and_one_token_inputs_stay_finite():
     assert all(np.all(np.isfinite(np.float32(g))) for g in grads)
 
 
+def _attention(aligner, params, h_s, h_t, **kw):
+  """The aligner's attention weights [B, H, M, N] (sown intermediates)."""
+  _, inter = aligner.apply(params, h_s, h_t, mutable=["intermediates"], **kw)
+  return np.asarray(inter["intermediates"]["align"]["attention_weights"][0])
+
+
+def _positions_np(n):
+  return (np.arange(n) + 0.5) / n
+
+
+def test_temporal_prior_is_a_gaussian_log_bias_on_the_logits():
+  h_s, h_t = _hidden(6)
+  plain = losses.MHCAAligner(num_heads=2, reconstruct=False)
+  params = plain.init(jax.random.PRNGKey(0), h_s, h_t)
+  sigma = 0.15
+  timed = losses.MHCAAligner(num_heads=2, reconstruct=False, time_sigma=sigma)
+  w_plain = _attention(plain, params, h_s, h_t)
+  w_timed = _attention(timed, params, h_s, h_t)
+  # softmax(l + b) = softmax(l) ∘ exp(b), renormalised.
+  prior = np.exp(-(_positions_np(M)[:, None] - _positions_np(N)[None]) ** 2
+                 / (2 * sigma**2))
+  expected = w_plain * prior
+  expected /= expected.sum(-1, keepdims=True)
+  np.testing.assert_allclose(w_timed, expected, rtol=1e-4, atol=1e-6)
+  # A narrow prior puts each student position on the teacher tokens that
+  # cover the same time; σ → ∞ is the paper's content-only attention.
+  narrow = _attention(losses.MHCAAligner(2, reconstruct=False,
+                                         time_sigma=0.02), params, h_s, h_t)
+  nearest = np.abs(_positions_np(M)[:, None] - _positions_np(N)[None]) < 0.13
+  assert (narrow * nearest).sum(-1).min() > 0.99
+  wide = _attention(losses.MHCAAligner(2, reconstruct=False, time_sigma=1e4),
+                    params, h_s, h_t)
+  np.testing.assert_allclose(wide, w_plain, atol=1e-5)
+
+
+def test_temporal_prior_uses_positions_among_valid_tokens():
+  h_s, h_t = _hidden(7)
+  aligner = losses.MHCAAligner(num_heads=2, reconstruct=False, time_sigma=0.1)
+  params = aligner.init(jax.random.PRNGKey(0), h_s, h_t)
+  mask = np.ones((B, N), bool)
+  mask[:, 7:] = False
+  aligned, _ = aligner.apply(params, h_s, h_t, teacher_mask=mask)
+  dropped, _ = aligner.apply(params, h_s, h_t[:, :7])
+  np.testing.assert_allclose(aligned, dropped, atol=1e-5)
+
+
+def test_temperature_scales_the_logits():
+  h_s, h_t = _hidden(8)
+  base = losses.MHCAAligner(num_heads=2, reconstruct=False)
+  params = base.init(jax.random.PRNGKey(0), h_s, h_t)
+  hot = _attention(losses.MHCAAligner(2, reconstruct=False, temperature=0.5),
+                   params, h_s, h_t)
+  ref = _attention(base, params, h_s, h_t)
+  sharpened = ref**2 / (ref**2).sum(-1, keepdims=True)  # logits x 2
+  np.testing.assert_allclose(hot, sharpened, rtol=1e-4, atol=1e-6)
+
+
 # --- Anti-collapse --------------------------------------------------------
 # A teacher with content only (no positional pattern), and a student MLP whose
 # input is either independent noise ("unrelated": it cannot know the teacher's
