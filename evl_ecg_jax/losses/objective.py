@@ -72,6 +72,9 @@ class DistillHeads(nn.Module):
   tinybert_layer_map: tuple = ()  # ((student tap, teacher tap), ...)
   mhca_heads: int = 4
   mhca_qkv_features: Optional[int] = None
+  mhca_time_sigma: float = 0.0  # see losses.mhca.MHCAAligner
+  mhca_temperature: float = 1.0
+  mhca_projection: bool = False  # L_mhca on a learned map of H_s
 
   @nn.compact
   def __call__(self, s_feats, t_feats, masks=None):
@@ -81,9 +84,14 @@ class DistillHeads(nn.Module):
     out = {}
     if self.aligner:
       out["aligned"], out["reconstruction"] = mhca.MHCAAligner(
-          self.mhca_heads, self.mhca_qkv_features, name="aligner")(
+          self.mhca_heads, self.mhca_qkv_features,
+          time_sigma=self.mhca_time_sigma,
+          temperature=self.mhca_temperature, name="aligner")(
               h_s, h_t, teacher_mask=masks.get("teacher_hidden"),
               student_mask=masks.get("student_hidden"))
+      if self.mhca_projection:
+        out["mhca_student"] = nn.Dense(h_s.shape[-1], name="mhca_projection")(
+            h_s)
     if self.ot_projection:
       out["ot_student"] = nn.Dense(
           t_feats[tap["teacher_ot"]].shape[-1], name="ot_projection")(
@@ -133,6 +141,8 @@ class Objective:
   mhca_reconstruction_weight: float = 1.0
   dkd_alpha: float = 1.0
   dkd_beta: float = 8.0
+  relation_batch_share: float = 0.0
+  shuffle_teacher: bool = False
   ot_kwargs: dict = dataclasses.field(default_factory=dict)
 
   @property
@@ -150,9 +160,13 @@ class Objective:
       used.append(self.taps[f"{role}_ot"])
     if h is not None:
       used += [pair[role == "teacher"] for pair in h.tinybert_layer_map]
-    if "rkd" in self.weights:
+    if "rkd" in self.weights or self._batch_relations:
       used.append(self.taps[f"{role}_embed"])
     return tuple(dict.fromkeys(used))
+
+  @property
+  def _batch_relations(self) -> bool:
+    return "relation" in self.weights and self.relation_batch_share > 0
 
   def init_heads(self, rng, student_feats, teacher_feats):
     """Params of the learned heads (None without heads), from feature shapes."""
@@ -173,6 +187,11 @@ class Objective:
     t_logits, t_feats = jax.lax.stop_gradient((t_logits, t_feats))
     w, tap, temp, masks = self.weights, self.taps, self.kd_temperature, (
         masks or {})
+    if self.shuffle_teacher:  # the control: another record's teacher
+      roll = lambda x: None if x is None else jnp.roll(x, 1, axis=0)
+      t_logits, t_feats = jax.tree.map(roll, (t_logits, t_feats))
+      masks = {k: roll(v) if k.startswith("teacher") else v
+               for k, v in masks.items()}
     head = ({} if self.heads is None else self.heads.apply(
         {"params": head_params}, s_feats, t_feats, masks))
     h_s, h_t = s_feats.get(tap["student_hidden"]), t_feats.get(
@@ -181,17 +200,21 @@ class Objective:
     terms = {}
     if "kd" in w:
       terms["kd"] = kd.logit_kd_loss(t_logits, s_logits, temperature=temp)
+    aligned = None
     if "aligned" in head:
       aligned = jax.lax.stop_gradient(head["aligned"])
       terms["mhca_reconstruction"] = mhca.mhca_reconstruction_loss(
           h_t, head["reconstruction"], mask=masks.get("teacher_hidden"))
       if "mhca" in w:
-        terms["mhca"] = mhca.mhca_loss(h_s, aligned, mask=s_mask)
-      if "relation" in w:
-        terms["relation"] = relation.relation_loss(aligned, h_s, mask=s_mask)
+        terms["mhca"] = mhca.mhca_loss(head.get("mhca_student", h_s), aligned,
+                                       mask=s_mask)
+    if "relation" in w:
+      terms["relation"] = self._relation(aligned, s_feats, t_feats, s_mask)
     if "ot" in w:
       terms["ot"] = ot.ot_loss(unit_tokens(t_feats[tap["teacher_ot"]]),
                                unit_tokens(head["ot_student"]),
+                               teacher_mask=masks.get("teacher_ot"),
+                               student_mask=masks.get("student_ot"),
                                **self.ot_kwargs)
     if "fitnet" in w:
       terms["fitnet"] = hint_loss(h_t, head["fitnet"])
@@ -212,6 +235,53 @@ class Objective:
           teacher_mask=masks.get("teacher_logits"),
           student_mask=masks.get("student_logits"))
     return terms
+
+  def _relation(self, aligned, s_feats, t_feats, s_mask):
+    """L_rel = (1 − ρ)·L_rel(Ĥ_t, H_s) + ρ·L_rel across the batch's records.
+
+    The across-records part compares the B×B geometry of the two models'
+    `embed` taps (relation_loss on [1, B, D]), centred on the batch mean so
+    that the cosine structure is that of the records' deviations (pooled
+    post-GELU features share one positive direction that dominates raw
+    cosines).
+    """
+    rho, tap = self.relation_batch_share, self.taps
+    loss = 0.0
+    if rho < 1:
+      loss = (1 - rho) * relation.relation_loss(aligned, s_feats[
+          tap["student_hidden"]], mask=s_mask)
+    if rho > 0:
+      centred = lambda x: (x - jnp.mean(x, axis=0))[None]
+      loss = loss + rho * relation.relation_loss(
+          centred(t_feats[tap["teacher_embed"]]),
+          centred(s_feats[tap["student_embed"]]))
+    return loss
+
+  def inspect(self, head_params, student_out, teacher_out, masks=None):
+    """What the EVL terms see, for diagnostics (no gradient).
+
+    Returns {"aligned": Ĥ_t, "attention": [B, H, M, N] MHCA weights} when
+    the aligner is on and {"ot_plans": [B, N, M]} when L_ot is.
+    """
+    (_, s_feats), (_, t_feats) = jax.lax.stop_gradient(
+        (student_out, teacher_out))
+    masks, out = masks or {}, {}
+    if self.heads is None:
+      return out
+    head, inter = self.heads.apply(
+        {"params": head_params}, s_feats, t_feats, masks,
+        mutable=["intermediates"])
+    if "aligned" in head:
+      out["aligned"] = head["aligned"]
+      out["attention"] = inter["intermediates"]["aligner"]["align"][
+          "attention_weights"][0]
+    if "ot_student" in head:
+      out["ot_plans"] = ot.transport_plans(
+          unit_tokens(t_feats[self.taps["teacher_ot"]]),
+          unit_tokens(head["ot_student"]),
+          teacher_mask=masks.get("teacher_ot"),
+          student_mask=masks.get("student_ot"), **self.ot_kwargs)
+    return jax.lax.stop_gradient(out)
 
   def combine(self, task_loss, head_params, student_out, teacher_out, *,
               labels=None, label_mask=None, masks=None):
@@ -247,10 +317,16 @@ def make_objective(*, alpha: float, kd_weight: float = 0.0,
                    tinybert_layer_map=(), mhca_heads: int = 4,
                    mhca_qkv_features: Optional[int] = None,
                    mhca_reconstruction_weight: float = 1.0,
+                   mhca_time_sigma: float = 0.0, mhca_temperature: float = 1.0,
+                   mhca_projection: bool = False,
+                   relation_batch_share: float = 0.0,
+                   shuffle_teacher: bool = False,
                    dkd_alpha: float = 1.0, dkd_beta: float = 8.0,
                    ot_epsilon: float = 0.1, ot_plan_gradient: str = "implicit",
                    ot_threshold: float = 1e-3,
-                   ot_max_iterations: int = 1000) -> Objective:
+                   ot_max_iterations: int = 1000, ot_time_weight: float = 0.0,
+                   ot_relative_epsilon: bool = False,
+                   ot_debiased: bool = False) -> Objective:
   """Builds the objective L (EVL-ECG Eq. 9) from floats (never a config).
 
   α = 0 gives the task loss alone (no teacher, no heads). `*_weight` are the
@@ -271,18 +347,27 @@ def make_objective(*, alpha: float, kd_weight: float = 0.0,
   if "tinybert" in weights:
     layer_map = tuple(tuple(p) for p in tinybert_layer_map) or (
         (student_hidden_tap, teacher_hidden_tap),)
-  on = dict(aligner="mhca" in weights or "relation" in weights,
+  sequence_relation = "relation" in weights and relation_batch_share < 1
+  on = dict(aligner="mhca" in weights or sequence_relation,
             ot_projection="ot" in weights, fitnet="fitnet" in weights)
   heads = None
   if any(on.values()) or layer_map:
     heads = DistillHeads(taps=tuple(taps.items()), tinybert_layer_map=layer_map,
                          mhca_heads=mhca_heads,
-                         mhca_qkv_features=mhca_qkv_features or None, **on)
+                         mhca_qkv_features=mhca_qkv_features or None,
+                         mhca_time_sigma=float(mhca_time_sigma),
+                         mhca_temperature=float(mhca_temperature),
+                         mhca_projection=bool(mhca_projection), **on)
   return Objective(
       alpha=float(alpha), weights=weights, heads=heads, taps=taps,
       kd_temperature=float(kd_temperature),
       mhca_reconstruction_weight=float(mhca_reconstruction_weight),
       dkd_alpha=float(dkd_alpha), dkd_beta=float(dkd_beta),
+      relation_batch_share=float(relation_batch_share),
+      shuffle_teacher=bool(shuffle_teacher),
       ot_kwargs=dict(epsilon=float(ot_epsilon), plan_gradient=ot_plan_gradient,
                      threshold=float(ot_threshold),
-                     max_iterations=int(ot_max_iterations)))
+                     max_iterations=int(ot_max_iterations),
+                     time_weight=float(ot_time_weight),
+                     relative_epsilon=bool(ot_relative_epsilon),
+                     debiased=bool(ot_debiased)))

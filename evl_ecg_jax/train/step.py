@@ -32,6 +32,12 @@ class SignalTask:
     return objective(head_params, student_out, teacher_out, batch["labels"],
                      batch.get("label_mask"))
 
+  @staticmethod
+  def masks(batch):
+    """Valid-token masks of the objective's sequences (None: all valid)."""
+    del batch
+    return None
+
 
 def teacher_outputs(teacher, teacher_params, batch, taps, task=SignalTask):
   """(logits, {tap: hidden}) of the frozen teacher, or None without one.

@@ -41,13 +41,17 @@ class VLMTask:
     return (batch["image"], batch[f"tokens_{tok}"]), {
         "mask": batch[f"attn_{tok}"]}
 
+  def masks(self, batch):
+    """MHCA/relation read real tokens; ULD compares answer positions."""
+    tok = self.tokens_of("student")
+    return {"student_hidden": batch[f"attn_{tok}"],
+            "teacher_hidden": batch.get("attn_teacher"),
+            "student_logits": batch[f"answer_{tok}"],
+            "teacher_logits": batch.get("answer_teacher")}
+
   def loss(self, objective, head_params, student_out, teacher_out, batch):
     tok = self.tokens_of("student")
     ce = task_losses.token_ce_loss(student_out[0], batch[f"targets_{tok}"],
                                    mask=batch[f"answer_{tok}"])
-    masks = {"student_hidden": batch[f"attn_{tok}"],
-             "teacher_hidden": batch.get("attn_teacher"),
-             "student_logits": batch[f"answer_{tok}"],
-             "teacher_logits": batch.get("answer_teacher")}
     return objective.combine(ce, head_params, student_out, teacher_out,
-                             masks=masks)
+                             masks=self.masks(batch))

@@ -18,7 +18,7 @@ from evl_ecg_jax.train import step as step_lib
 
 OPTIM = ml_collections.ConfigDict(dict(
     learning_rate=1e-3, warmup_steps=1, weight_decay=1e-4, b1=0.9, b2=0.999,
-    grad_clip_norm=1.0))
+    grad_clip_norm=1.0, heads_grad_clip_norm=0.0, heads_learning_rate_scale=1.0))
 
 
 # threshold 0: Sinkhorn runs exactly max_iterations on every shard. With a
