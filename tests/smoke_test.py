@@ -67,8 +67,21 @@ def test_distill_and_evaluate(teacher_dir, tfds_dir, tmp_path):
     loop.fit(_config("mode=evaluate", tfds_dir), str(tmp_path / "empty"))
 
 
-EVL_TERMS = {"train/ce", "train/mhca", "train/mhca_reconstruction",
-             "train/relation", "train/ot"}
+EVL_TERMS = {"train/ce", "train/kd", "train/mhca",
+             "train/mhca_reconstruction", "train/relation", "train/ot"}
+
+
+def _check_diagnostics(metrics, terms):
+  """metrics.json summarises the distillation diagnostics of the run."""
+  for term in terms:
+    assert metrics[f"diag/grad_share/{term}"] > 0.0, term
+    assert -1.0 <= metrics[f"diag/teacher_grad_cos/{term}"] <= 1.0, term
+    assert np.isfinite(metrics[f"diag_mean/teacher_value_gap/{term}"]), term
+  for key in ("cka/tokens", "cka/tokens_shuffled", "cka/pooled"):
+    assert 0.0 <= metrics[f"diag/{key}"] <= 1.0 + 1e-6, key
+  if "ot" in terms:
+    assert 1.0 <= metrics["diag/ot/plan_perplexity"]
+    assert 0.0 <= metrics["diag/ot/diagonal_mass"] <= 1.0
 
 
 # The ablations and most baselines run under `make test-slow`: switching a
@@ -86,8 +99,11 @@ _SLOW = pytest.mark.slow
 def test_distill_evl_and_ablations(teacher_dir, tfds_dir, tmp_path, variant,
                                    absent):
   workdir = str(tmp_path / variant)
+  # Four records a device: relations across the records of a batch are
+  # computed per device and are degenerate below three.
   metrics = loop.fit(_config(f"mode=distill,loss={variant}", tfds_dir,
-                             **{"teacher.init": teacher_dir}), workdir)
+                             **{"teacher.init": teacher_dir,
+                                "data.batch_size": 32}), workdir)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     last = [json.loads(line) for line in f if "train/loss" in line][-1]
   assert EVL_TERMS - absent <= set(last) and not absent & set(last)
@@ -97,6 +113,8 @@ def test_distill_evl_and_ablations(teacher_dir, tfds_dir, tmp_path, variant,
   params = checkpoint.load_params(workdir)
   assert set(params) == {"model", "heads"}
   assert ("ot_projection" in params["heads"]) == ("train/ot" not in absent)
+  _check_diagnostics(metrics, {"kd", "mhca", "relation", "ot"} - {
+      k.split("/")[1] for k in absent})
   assert 0.0 <= metrics["test/macro_auc"] <= 1.0
 
 

@@ -19,6 +19,7 @@ from evl_ecg_jax import losses
 from evl_ecg_jax import models
 from evl_ecg_jax.data import pipeline
 from evl_ecg_jax.eval import evaluate as evaluate_lib
+from evl_ecg_jax.train import diagnostics
 from evl_ecg_jax.train import optim
 from evl_ecg_jax.train import runner as runner_lib
 from evl_ecg_jax.train import trainer
@@ -224,13 +225,17 @@ def fit(config, workdir: str) -> dict:
   predict = run.predictor(functools.partial(step_lib.predict_step,
                                             model=model))
 
+  monitor = None
   if config.mode == "evaluate":
     params = {"model": run.place_params(
         checkpoint.load_params(workdir, config.eval.checkpoint)["model"],
         _abstract(model, example.shape))}
   else:
+    if teacher is not None and config.eval.diagnostics:
+      monitor = diagnostics.Monitor(run, model=model, teacher=teacher,
+                                    objective=objective)
     params = _train(config, workdir, run, model, teacher, objective, example,
-                    predict)
+                    predict, monitor)
 
   preds = {}
   results = evaluate_lib.evaluate(predict, params, config.data,
@@ -240,6 +245,8 @@ def fit(config, workdir: str) -> dict:
       np.savez(f, **{
           f"{split}/{name}": array for split, arrays in preds.items()
           for name, array in zip(("probs", "labels", "ids"), arrays)})
+  if monitor is not None:
+    results.update(monitor.summary())
   results["model"] = config[block].name
   results["num_params"] = int(sum(x.size for x in jax.tree.leaves(
       params["model"])))
@@ -250,7 +257,7 @@ def fit(config, workdir: str) -> dict:
 
 
 def _train(config, workdir, run, model, teacher, objective, example,
-           predict):
+           predict, monitor):
   """Trains `model` (distilled from `teacher` if not None); returns params."""
   teacher_params = teacher_abstract = None
   if teacher is not None:
@@ -277,4 +284,5 @@ def _train(config, workdir, run, model, teacher, objective, example,
           or k.startswith(teacher_cache.PREFIX)},
       validate=lambda params: evaluate_lib.evaluate(
           predict, params, config.data, config.eval.splits[:1]),
-      teacher_params=teacher_params, teacher_abstract=teacher_abstract)
+      teacher_params=teacher_params, teacher_abstract=teacher_abstract,
+      diagnose=monitor)

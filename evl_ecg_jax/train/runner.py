@@ -71,6 +71,14 @@ class Pmap:
     return lambda params, batch: parallel.merge_outputs(p_predict(
         params, parallel.split_batch(batch, jax.local_device_count())))
 
+  def diagnoser(self, diagnose_fn):
+    """`diagnose_fn(params, teacher_params, batch) -> {name: scalar}` per
+    device on a training batch -> {name: float}, averaged over devices."""
+    p_diagnose = jax.pmap(diagnose_fn, axis_name=parallel.AXIS,
+                          in_axes=(None, None, 0))
+    return lambda params, teacher_params, batch: _host_means(p_diagnose(
+        params, teacher_params, self.put_batch(batch)))
+
 
 class Spmd:
   """Sharded state on `mesh`; batches become global jax.Arrays."""
@@ -129,6 +137,18 @@ class Spmd:
     step = parallel.spmd_predict(predict_fn, self.mesh, self.rules)
     return lambda params, batch: np.asarray(step(
         params, parallel.same_on_every_process(batch, self._batch)))
+
+  def diagnoser(self, diagnose_fn):
+    """`diagnose_fn(params, teacher_params, batch) -> {name: scalar}` on the
+    global training batch -> {name: float}."""
+    step = parallel.spmd_predict(diagnose_fn, self.mesh, self.rules)
+    return lambda params, teacher_params, batch: _host_means(step(
+        params, teacher_params, self.put_batch(batch)))
+
+
+def _host_means(values) -> dict:
+  """{name: float}: each (per-device) value averaged on the host."""
+  return {k: float(np.mean(v)) for k, v in jax.device_get(values).items()}
 
 
 def make(config):

@@ -21,9 +21,31 @@ from evl_ecg_jax.train import guards
 from evl_ecg_jax.train import optim
 
 
+def _restore_or_init(ckpt, run, init, batches, rng):
+  """The latest checkpoint (and the data iterator's state), or a new state."""
+  restored = ckpt.restore_latest(run.state_target(jax.eval_shape(init, rng)))
+  if restored is None:
+    return run.init_state(init, rng)
+  state, data_state = restored
+  batches.set_state(data_state)
+  logging.info("Resumed from step %d.", int(state.step))
+  return run.place_state(state)
+
+
+def _validate(validate, diagnose, params, teacher_params, batch, row):
+  """Validation metrics (returned, and in `row` as eval/*), and the
+  distillation diagnostics on this step's batch (diag/*)."""
+  val = {k: float(v) for k, v in validate(params).items() if np.isscalar(v)}
+  row.update({f"eval/{k}": v for k, v in val.items()})
+  if diagnose is not None:
+    row.update({f"diag/{k}": v for k, v in diagnose(
+        params, teacher_params, batch).items()})
+  return val
+
+
 def train(config, workdir: str, run, *, init: Callable, step_fn: Callable,
           batches: Iterator, model_batch: Callable, validate: Callable,
-          teacher_params=None, teacher_abstract=None):
+          teacher_params=None, teacher_abstract=None, diagnose=None):
   """Runs `config.total_steps` steps (resuming from `workdir`); returns params.
 
   Args:
@@ -40,20 +62,15 @@ def train(config, workdir: str, run, *, init: Callable, step_fn: Callable,
       `config.ckpt.best_metric` ranks the checkpoints.
     teacher_params, teacher_abstract: the frozen teacher (placed) and its
       boxed abstract variables, or None.
+    diagnose: (params, teacher_params, model batch) -> {name: float}, run
+      with `validate` on the step's batch and logged as "diag/<name>"
+      (train/diagnostics.py), or None.
   """
   ckpt = checkpoint.Checkpointer(
       workdir, max_to_keep=config.ckpt.max_to_keep, config=config.to_dict(),
       best_metric=config.ckpt.best_metric, best_mode=config.ckpt.best_mode)
-  rng = jax.random.PRNGKey(config.seed)
-  restored = ckpt.restore_latest(run.state_target(jax.eval_shape(init, rng)))
-  if restored is None:
-    state = run.init_state(init, rng)
-  else:
-    state, data_state = restored
-    batches.set_state(data_state)
-    state = run.place_state(state)
-    logging.info("Resumed from step %d.", int(state.step))
-
+  state = _restore_or_init(ckpt, run, init, batches,
+                           jax.random.PRNGKey(config.seed))
   p_train = run.train_step(step_fn, teacher_abstract)
   schedule = optim.learning_rate_schedule(config.optim, config.total_steps)
   writer = MetricWriter(workdir)
@@ -86,9 +103,8 @@ def train(config, workdir: str, run, *, init: Callable, step_fn: Callable,
         val = None
         if done % config.eval_every_steps == 0 or (
             done == config.total_steps and config.ckpt.best_metric):
-          val = {k: float(v) for k, v in validate(state.params).items()
-                 if np.isscalar(v)}
-          row.update({f"eval/{k}": v for k, v in val.items()})
+          val = _validate(validate, diagnose, state.params, teacher_params,
+                          model_batch(batch), row)
         if row:
           writer.write(done, row)
         stop = preempted()

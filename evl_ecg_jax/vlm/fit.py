@@ -24,6 +24,7 @@ from evl_ecg_jax import config as config_lib
 from evl_ecg_jax import losses
 from evl_ecg_jax.data import pipeline
 from evl_ecg_jax.models import vlm as vlm_lib
+from evl_ecg_jax.train import diagnostics
 from evl_ecg_jax.train import loop
 from evl_ecg_jax.train import optim
 from evl_ecg_jax.train import step as step_lib
@@ -203,14 +204,20 @@ def fit(config, workdir: str) -> dict:
   loop.write_json(workdir, "config.json" if config.mode != "evaluate"
                   else "config_evaluate.json", config.to_dict())
 
+  monitor = None
   if config.mode == "evaluate":
     params = {"model": checkpoint.load_params(
         workdir, config.eval.checkpoint)["model"]}
   else:
+    if teacher is not None and config.eval.diagnostics:
+      monitor = diagnostics.Monitor(run, model=model, teacher=teacher,
+                                    objective=objective, task=task)
     params = _train(config, workdir, run, model, teacher, objective, task,
-                    batcher, example, toks[trained], descriptions)
+                    batcher, example, toks[trained], descriptions, monitor)
   results = _evaluate(config, batcher, model, params["model"],
                       toks[trained], descriptions, config.eval.splits)
+  if monitor is not None:
+    results.update(monitor.summary())
   results.update(model=config[trained].preset, parallel=run.name,
                  num_params=int(sum(x.size for x in jax.tree.leaves(
                      params["model"]))))
@@ -226,7 +233,7 @@ def _model_batch(batch):
 
 
 def _train(config, workdir, run, model, teacher, objective, task, batcher,
-           example, tokenizer, descriptions):
+           example, tokenizer, descriptions, monitor):
   teacher_params = teacher_abstract = None
   if teacher is not None:
     args, kwargs = task.inputs(example, "teacher")
@@ -260,7 +267,7 @@ def _train(config, workdir, run, model, teacher, objective, task, batcher,
       step_fn=step_fn, batches=batches, model_batch=_model_batch,
       validate=_validator(config, batcher, model, tokenizer, descriptions),
       teacher_params=teacher_params,
-      teacher_abstract=teacher_abstract)["model"]}
+      teacher_abstract=teacher_abstract, diagnose=monitor)["model"]}
 
 
 def stages(config, workdir: str):
