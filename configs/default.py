@@ -157,6 +157,9 @@ def get_config(arg=None):
       label_seed=0,
       prefetch_threads=2,
       worker_processes=0,  # >0: grain worker processes (mp_prefetch).
+      # Decode the training split once and keep it in memory (same batches;
+      # for many short runs on a small dataset, e.g. benchmarks/kd_table.py).
+      in_memory=False,
   )
 
   samples = 10 * rate  # 10-s records.

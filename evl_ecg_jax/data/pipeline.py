@@ -129,6 +129,25 @@ def _preprocessed(ds, data_cfg):
   return ds.map(lambda ex: dict(ex, ecg=fn(ex["ecg"])))
 
 
+_IN_MEMORY: dict = {}  # (tfds name, data dir, split spec) -> records
+
+
+def _train_records(data_cfg, train):
+  """The training records as a grain MapDataset, read from the source on
+  every access, or (data.in_memory) read once per process and kept: the
+  same records in the same order, so the same batches. For many short runs
+  over a small dataset (benchmarks/kd_table.py), where decoding the
+  array_record source costs more CPU than the training steps."""
+  if not data_cfg.get("in_memory", False):
+    return grain.MapDataset.source(train).map(_select)
+  key = (data_cfg.tfds_name, _path(data_cfg.data_dir),
+         data_cfg.splits["train"])
+  if key not in _IN_MEMORY:
+    _IN_MEMORY.clear()  # one split at a time
+    _IN_MEMORY[key] = [_select(train[i]) for i in range(len(train))]
+  return grain.MapDataset.source(_IN_MEMORY[key])
+
+
 def train_iterator(data_cfg, *, process_index=0, process_count=1,
                    read_threads=None, per_record=None):
   """Infinite, checkpointable iterator of host-local training batches.
@@ -143,7 +162,7 @@ def train_iterator(data_cfg, *, process_index=0, process_count=1,
   """
   batch = host_batch_size(data_cfg.batch_size, process_count)
   train = source(data_cfg, "train")
-  ds = grain.MapDataset.source(train).map(_select)
+  ds = _train_records(data_cfg, train)
   extra = dict(per_record or {})
   mask = _label_mask(data_cfg, train)
   if mask is not None:

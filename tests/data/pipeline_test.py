@@ -33,6 +33,21 @@ def test_same_seed_same_batches_other_seed_other_batches(tfds_dir):
   assert a == b and a != c
 
 
+def test_in_memory_records_give_the_same_resumable_batches(tfds_dir):
+  cfg = _cfg(tfds_dir)
+  expected = list(itertools.islice(pipeline.train_iterator(cfg), 6))
+  cfg.in_memory = True
+  it = pipeline.train_iterator(cfg)
+  got = list(itertools.islice(it, 3))
+  state = it.get_state()
+  resumed = pipeline.train_iterator(cfg)
+  resumed.set_state(state)
+  got += list(itertools.islice(resumed, 3))
+  for want, have in zip(expected, got):
+    for key in want:
+      np.testing.assert_array_equal(have[key], want[key])
+
+
 def test_restored_state_gives_the_same_next_batches(tfds_dir):
   it = pipeline.train_iterator(_cfg(tfds_dir))
   _ids(it, 7)
