@@ -50,27 +50,52 @@ def _by_seed(runs, protocol, method, key):
   return [r["seed"] for r in rows], [r["metrics"][key] for r in rows]
 
 
+def _rows(runs, protocol):
+  """{method: mean ± std of the test/validation metrics} of one protocol."""
+  rows = {}
+  for method in dict.fromkeys(r["method"] for r in runs
+                              if r["protocol"] == protocol):
+    metrics = [r["metrics"] for r in runs if r["protocol"] == protocol
+               and r["method"] == method]
+    per_class = sorted(k for k in metrics[0] if k.startswith("test/auc/"))
+    rows[method] = dict(
+        n=len(metrics),
+        test_auc=mean_std([m["test/macro_auc"] for m in metrics]),
+        test_f1=mean_std([m.get("test/macro_f1", np.nan) for m in metrics]),
+        validation_auc=mean_std([m["validation/macro_auc"]
+                                 for m in metrics]),
+        per_class_auc={k[len("test/auc/"):]: mean_std(
+            [m[k] for m in metrics])[0] for k in per_class})
+  return rows
+
+
+def paired(runs, protocol, a, b, key="test/macro_auc") -> dict:
+  """paired_ci of methods a − b over the seeds both have."""
+  seeds_a, va = _by_seed(runs, protocol, a, key)
+  seeds_b, vb = _by_seed(runs, protocol, b, key)
+  common = sorted(set(seeds_a) & set(seeds_b))
+  return dict(a=a, baseline=b, **paired_ci(
+      [va[seeds_a.index(s)] for s in common],
+      [vb[seeds_b.index(s)] for s in common]))
+
+
+# EVL against: task-only, the paper's EVL, and each ablation (removing a
+# term should lower AUC: EVL − ablation > 0).
+_EVL_PAIRS = ("ce", "evl_paper", "evl_no_mhca", "evl_no_rel", "evl_no_ot")
+
+
 def summarise(runs, teacher_metrics) -> dict:
-  """{protocol: {"rows": {method: stats}, "evl_vs_best": ..., ...}}."""
+  """{protocol: {"rows": {method: stats}, "evl_vs_best": ..., ...}}.
+
+  "paired" lists EVL − X for the best baseline (chosen on validation), KD
+  and _EVL_PAIRS; "shuffled_retained" is the fraction of EVL's gain over
+  task-only that the shuffled-teacher control keeps (transfer: near 0).
+  """
   out = {}
   teacher_auc = teacher_metrics["test/macro_auc"]
   for protocol in dict.fromkeys(r["protocol"] for r in runs):
-    methods = list(dict.fromkeys(r["method"] for r in runs
-                                 if r["protocol"] == protocol))
-    rows = {}
-    for method in methods:
-      metrics = [r["metrics"] for r in runs if r["protocol"] == protocol
-                 and r["method"] == method]
-      per_class = sorted(k for k in metrics[0] if k.startswith("test/auc/"))
-      rows[method] = dict(
-          n=len(metrics),
-          test_auc=mean_std([m["test/macro_auc"] for m in metrics]),
-          test_f1=mean_std([m.get("test/macro_f1", np.nan) for m in metrics]),
-          validation_auc=mean_std([m["validation/macro_auc"]
-                                   for m in metrics]),
-          per_class_auc={k[len("test/auc/"):]: mean_std(
-              [m[k] for m in metrics])[0] for k in per_class})
-    summary = dict(rows=rows, teacher_test_auc=teacher_auc)
+    rows = _rows(runs, protocol)
+    summary = dict(rows=rows, teacher_test_auc=teacher_auc, paired=[])
     if "ce" in rows:
       base = rows["ce"]["test_auc"][0]
       for row in rows.values():
@@ -80,14 +105,15 @@ def summarise(runs, teacher_metrics) -> dict:
       # The best baseline is chosen on validation, like every other choice.
       best = max(baselines, key=lambda m: rows[m]["validation_auc"][0])
       for name, other in (("evl_vs_best", best), ("evl_vs_kd", "kd")):
-        if other not in rows:
-          continue
-        seeds_a, a = _by_seed(runs, protocol, "evl", "test/macro_auc")
-        seeds_b, b = _by_seed(runs, protocol, other, "test/macro_auc")
-        common = sorted(set(seeds_a) & set(seeds_b))
-        a = [a[seeds_a.index(s)] for s in common]
-        b = [b[seeds_b.index(s)] for s in common]
-        summary[name] = dict(baseline=other, **paired_ci(a, b))
+        if other in rows:
+          summary[name] = paired(runs, protocol, "evl", other)
+    if "evl" in rows:
+      summary["paired"] = [paired(runs, protocol, "evl", m)
+                           for m in _EVL_PAIRS if m in rows]
+    if {"evl", "evl_shuffled", "ce"} <= set(rows):
+      summary["shuffled_retained"] = gap_closed(
+          rows["evl_shuffled"]["test_auc"][0], rows["ce"]["test_auc"][0],
+          rows["evl"]["test_auc"][0])
     out[protocol] = summary
   return out
 
@@ -109,13 +135,17 @@ def markdown(summary: dict) -> str:
           f"{r['test_f1'][1]:.4f} | {gap:+.2f} | "
           f"{r['validation_auc'][0]:.4f} |")
     shown = set()
-    for key in ("evl_vs_best", "evl_vs_kd"):
-      if key in s and s[key]["baseline"] not in shown:
-        c = s[key]
-        shown.add(c["baseline"])
-        lines.append(
-            f"\nEVL − {c['baseline']} (paired over {c['n']} seeds): "
-            f"{c['mean']:+.4f}, 95 % CI [{c['low']:+.4f}, {c['high']:+.4f}], "
-            f"p = {c['p']:.3f}.")
+    pairs = [s[k] for k in ("evl_vs_best", "evl_vs_kd") if k in s]
+    for c in pairs + s.get("paired", []):
+      if c["baseline"] in shown:
+        continue
+      shown.add(c["baseline"])
+      lines.append(
+          f"\nEVL − {c['baseline']} (paired over {c['n']} seeds): "
+          f"{c['mean']:+.4f}, 95 % CI [{c['low']:+.4f}, {c['high']:+.4f}], "
+          f"p = {c['p']:.3f}.")
+    if "shuffled_retained" in s:
+      lines.append(f"\nThe shuffled-teacher control keeps "
+                   f"{s['shuffled_retained']:.0%} of EVL's gain over ce.")
     lines.append("")
   return "\n".join(lines)
