@@ -106,6 +106,74 @@ def _layer_taps(block):
   return ("stage1", "stage2", "tokens")  # conv families: 4 stages.
 
 
+def _loss_config(loss, student, teacher):
+  """config.loss of variant `loss` (and the optim fields it sets)."""
+  # L = (1 − α)·L_CE + α·(λ_kd·L_kd + λ_m·L_mhca + λ_r·L_rel + λ_ot·L_ot)
+  # (EVL-ECG Eq. 9; λ_kd = 0 in the paper's EVL, 1 in ours, KD uses only it).
+  # The keys are exactly the arguments of `losses.make_objective`.
+  if loss not in _LOSS_VARIANTS:
+    raise config_lib.ConfigError(
+        f"Config variant loss={loss!r}: expected one of "
+        f"{sorted(_LOSS_VARIANTS)}.")
+  variant = dict(_LOSS_VARIANTS[loss])
+  optim_variant = variant.pop("optim", {})
+  config = ml_collections.ConfigDict(dict(
+      alpha=0.0 if loss == "ce" else 0.5,  # α: weight of distillation.
+      kd_temperature=2.0,  # T of the logit-KD term.
+      # Feature taps read by the terms (models.tap_names lists a model's):
+      # hidden states for MHCA, relation and FitNet, visual tokens for OT,
+      # pooled embeddings for RKD, (student, teacher) layer pairs for
+      # TinyBERT (at 1/3, 2/3 and the end of each model).
+      student_hidden_tap="tokens", teacher_hidden_tap="tokens",
+      student_ot_tap="tokens", teacher_ot_tap="tokens",
+      student_embed_tap="pooled", teacher_embed_tap="pooled",
+      tinybert_layer_map=tuple(zip(_layer_taps(student),
+                                   _layer_taps(teacher))),
+      dkd_alpha=1.0,  # DKD's TCKD weight (Zhao et al. 2022).
+      dkd_beta=8.0,  # DKD's NCKD weight.
+      mhca_heads=2,  # heads of the MHCA aligner (W^Q, W^K, W^V, W^O).
+      mhca_qkv_features=0,  # 0: the student width.
+      mhca_reconstruction_weight=1.0,  # γ: the aligner's anti-collapse term.
+      # Departures from the paper (its values here; `evl` sets ours).
+      # σ of a Gaussian prior on MHCA logits over |τ_i − τ_j| (fractions of
+      # the record; 0: none). Without it Ĥ_t is one vector repeated at every
+      # position (token cosine 0.95): teacher and student tokens cover the
+      # same 10 s in order, and the prior keeps that order (cosine 0.7).
+      mhca_time_sigma=0.0,
+      mhca_temperature=1.0,  # τ on MHCA logits (1: the paper's softmax).
+      # Linear map of H_s before L_mhca, so the student need not equal Ĥ_t.
+      mhca_projection=False,
+      # ρ: L_rel = (1 − ρ)·relations within a sequence (paper) + ρ·relations
+      # across the records of a batch (centred embeddings). Within-sequence
+      # relations of Ĥ_t carry no record identity (gradient cosine 0.996
+      # with a shuffled teacher); across records they do.
+      relation_batch_share=0.0,
+      # The control: teacher outputs of another record (a roll of the
+      # batch). Must erase EVL's gain if the gain is transfer.
+      shuffle_teacher=False,
+      ot_epsilon=0.1,  # ε: absolute, or × the cost's spread (relative).
+      ot_plan_gradient="implicit",  # "implicit" (exact) or "stop".
+      # Sinkhorn marginal-error tolerance (`evl`: 1e-2 and ≤ 100 iterations,
+      # enough for a plan that steers the student, at a third of the cost).
+      ot_threshold=1e-3,
+      ot_max_iterations=1000,
+      # β of the temporal OT cost ‖x_i − y_j‖² + β(τ_i − τ_j)²: the paper's
+      # plan is near the independent one (mass near the time diagonal
+      # 0.080 vs 0.078 uniform); with β = 1 it is 0.26.
+      ot_time_weight=0.0,
+      # ε × the std of each sequence's costs (stop-gradient), so that the
+      # plan's sharpness does not drift as the features scale.
+      ot_relative_epsilon=False,
+      # The Sinkhorn divergence OT(s,t) − ½OT(s,s) − ½OT(t,t): entropic OT
+      # alone is minimised by shrinking the student's token spread.
+      ot_debiased=False,
+      **_NO_TERMS,  # λ_kd, λ_m, λ_r, λ_ot, ...
+  ))
+  config.update(variant)  # the variant's λ and departures
+  return config, optim_variant
+
+
+
 def get_config(arg=None):
   """Returns the run config for the variants in `arg`."""
   arg = config_lib.parse_arg(arg, mode="distill", size="tiny",
@@ -209,69 +277,8 @@ def get_config(arg=None):
              ("vocab", "tensor"), ("kv_heads", "tensor")),  # (VLM decoder)
   )
 
-  # L = (1 − α)·L_CE + α·(λ_kd·L_kd + λ_m·L_mhca + λ_r·L_rel + λ_ot·L_ot)
-  # (EVL-ECG Eq. 9; λ_kd = 0 in EVL, the logit-KD baseline uses only it).
-  # The keys are exactly the arguments of `losses.make_objective`.
-  if arg.loss not in _LOSS_VARIANTS:
-    raise config_lib.ConfigError(
-        f"Config variant loss={arg.loss!r}: expected one of "
-        f"{sorted(_LOSS_VARIANTS)}.")
-  variant = dict(_LOSS_VARIANTS[arg.loss])
-  optim_variant = variant.pop("optim", {})
-  config.loss = dict(
-      alpha=0.0 if arg.loss == "ce" else 0.5,  # α: weight of distillation.
-      kd_temperature=2.0,  # T of the logit-KD term.
-      # Feature taps read by the terms (models.tap_names lists a model's):
-      # hidden states for MHCA, relation and FitNet, visual tokens for OT,
-      # pooled embeddings for RKD, (student, teacher) layer pairs for
-      # TinyBERT (at 1/3, 2/3 and the end of each model).
-      student_hidden_tap="tokens", teacher_hidden_tap="tokens",
-      student_ot_tap="tokens", teacher_ot_tap="tokens",
-      student_embed_tap="pooled", teacher_embed_tap="pooled",
-      tinybert_layer_map=tuple(zip(_layer_taps(config.student),
-                                   _layer_taps(config.teacher))),
-      dkd_alpha=1.0,  # DKD's TCKD weight (Zhao et al. 2022).
-      dkd_beta=8.0,  # DKD's NCKD weight.
-      mhca_heads=2,  # heads of the MHCA aligner (W^Q, W^K, W^V, W^O).
-      mhca_qkv_features=0,  # 0: the student width.
-      mhca_reconstruction_weight=1.0,  # γ: the aligner's anti-collapse term.
-      # Departures from the paper (its values here; `evl` sets ours).
-      # σ of a Gaussian prior on MHCA logits over |τ_i − τ_j| (fractions of
-      # the record; 0: none). Without it Ĥ_t is one vector repeated at every
-      # position (token cosine 0.95): teacher and student tokens cover the
-      # same 10 s in order, and the prior keeps that order (cosine 0.7).
-      mhca_time_sigma=0.0,
-      mhca_temperature=1.0,  # τ on MHCA logits (1: the paper's softmax).
-      # Linear map of H_s before L_mhca, so the student need not equal Ĥ_t.
-      mhca_projection=False,
-      # ρ: L_rel = (1 − ρ)·relations within a sequence (paper) + ρ·relations
-      # across the records of a batch (centred embeddings). Within-sequence
-      # relations of Ĥ_t carry no record identity (gradient cosine 0.996
-      # with a shuffled teacher); across records they do.
-      relation_batch_share=0.0,
-      # The control: teacher outputs of another record (a roll of the
-      # batch). Must erase EVL's gain if the gain is transfer.
-      shuffle_teacher=False,
-      ot_epsilon=0.1,  # ε: absolute, or × the cost's spread (relative).
-      ot_plan_gradient="implicit",  # "implicit" (exact) or "stop".
-      # Sinkhorn marginal-error tolerance (`evl`: 1e-2 and ≤ 100 iterations,
-      # enough for a plan that steers the student, at a third of the cost).
-      ot_threshold=1e-3,
-      ot_max_iterations=1000,
-      # β of the temporal OT cost ‖x_i − y_j‖² + β(τ_i − τ_j)²: the paper's
-      # plan is near the independent one (mass near the time diagonal
-      # 0.080 vs 0.078 uniform); with β = 1 it is 0.26.
-      ot_time_weight=0.0,
-      # ε × the std of each sequence's costs (stop-gradient), so that the
-      # plan's sharpness does not drift as the features scale.
-      ot_relative_epsilon=False,
-      # The Sinkhorn divergence OT(s,t) − ½OT(s,s) − ½OT(t,t): entropic OT
-      # alone is minimised by shrinking the student's token spread.
-      ot_debiased=False,
-      **_NO_TERMS,  # λ_kd, λ_m, λ_r, λ_ot, ...
-  )
-  config.loss.update(variant)  # the variant's λ and departures
-
+  config.loss, optim_variant = _loss_config(arg.loss, config.student,
+                                            config.teacher)
   config.optim = dict(
       learning_rate=1e-3,  # peak, after linear warmup; cosine decay to 0.
       warmup_steps=40,
