@@ -209,7 +209,7 @@ class Objective:
         terms["mhca"] = mhca.mhca_loss(head.get("mhca_student", h_s), aligned,
                                        mask=s_mask)
     if "relation" in w:
-      terms["relation"] = self._relation(aligned, s_feats, t_feats, s_mask)
+      terms["relation"] = self._relation(aligned, s_feats, t_feats, masks)
     if "ot" in w:
       terms["ot"] = ot.ot_loss(unit_tokens(t_feats[tap["teacher_ot"]]),
                                unit_tokens(head["ot_student"]),
@@ -236,7 +236,22 @@ class Objective:
           student_mask=masks.get("student_logits"))
     return terms
 
-  def _relation(self, aligned, s_feats, t_feats, s_mask):
+  def _embedding(self, feats, role, masks):
+    """The `embed` tap of `role` as [B, D]: a sequence tap ([B, L, D], e.g.
+    a language model's hidden states) is averaged over its valid positions
+    (the role's hidden mask when it is the hidden tap)."""
+    name = self.taps[f"{role}_embed"]
+    x = feats[name]
+    if x.ndim == 2:
+      return x
+    mask = masks.get(f"{role}_hidden") if name == self.taps[
+        f"{role}_hidden"] else None
+    w = jnp.ones(x.shape[:2], x.dtype) if mask is None else mask.astype(
+        x.dtype)
+    return jnp.einsum("bl,bld->bd", w, x) / jnp.maximum(
+        jnp.sum(w, axis=1, keepdims=True), 1.0)
+
+  def _relation(self, aligned, s_feats, t_feats, masks):
     """L_rel = (1 − ρ)·L_rel(Ĥ_t, H_s) + ρ·L_rel across the batch's records.
 
     The across-records part compares the B×B geometry of the two models'
@@ -249,12 +264,12 @@ class Objective:
     loss = 0.0
     if rho < 1:
       loss = (1 - rho) * relation.relation_loss(aligned, s_feats[
-          tap["student_hidden"]], mask=s_mask)
+          tap["student_hidden"]], mask=masks.get("student_hidden"))
     if rho > 0:
       centred = lambda x: (x - jnp.mean(x, axis=0))[None]
       loss = loss + rho * relation.relation_loss(
-          centred(t_feats[tap["teacher_embed"]]),
-          centred(s_feats[tap["student_embed"]]))
+          centred(self._embedding(t_feats, "teacher", masks)),
+          centred(self._embedding(s_feats, "student", masks)))
     return loss
 
   def inspect(self, head_params, student_out, teacher_out, masks=None):

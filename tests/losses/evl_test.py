@@ -203,3 +203,34 @@ def test_pool_tokens_windows():
   const = jnp.full((2, 250, 3), 1.5)
   np.testing.assert_allclose(losses._ops.pool_tokens(const, 63), 1.5,  # pylint: disable=protected-access
                              rtol=1e-6)
+
+
+def test_batch_relations_of_sequence_taps_average_the_valid_tokens():
+  """A sequence `embed` tap (a language model's hidden states) enters the
+  across-records relation as its mean over the valid positions."""
+  student, teacher, labels = _outs(3)
+  rng = np.random.default_rng(4)
+  masks = {"student_hidden": jnp.asarray(rng.random((B, M)) < 0.7).at[
+               :, 0].set(True),
+           "teacher_hidden": jnp.asarray(rng.random((B, N)) < 0.7).at[
+               :, 0].set(True)}
+  objective = losses.make_objective(
+      alpha=0.5, relation_weight=1.0, relation_batch_share=1.0,
+      student_embed_tap="tokens", teacher_embed_tap="tokens")
+  del labels
+  terms = objective.distill_terms(None, student, teacher, masks=masks)
+
+  def pooled(x, m):
+    x, m = np.asarray(x, np.float64), np.asarray(m, np.float64)
+    mean = (m[..., None] * x).sum(1) / m.sum(1, keepdims=True)
+    return jnp.asarray((mean - mean.mean(0))[None], jnp.float32)
+
+  want = losses.relation.relation_loss(
+      pooled(teacher[1]["tokens"], masks["teacher_hidden"]),
+      pooled(student[1]["tokens"], masks["student_hidden"]))
+  assert float(terms["relation"]) == pytest.approx(float(want), rel=1e-5)
+  # Invalid positions do not count: changing them changes nothing.
+  noisy = (student[0], {"tokens": jnp.where(
+      masks["student_hidden"][..., None], student[1]["tokens"], 1e3)})
+  again = objective.distill_terms(None, noisy, teacher, masks=masks)
+  assert float(again["relation"]) == pytest.approx(float(want), rel=1e-5)
