@@ -86,14 +86,19 @@ def _models(toks):
   return t, s
 
 
-def test_cross_tokenizer_evl_loss_is_finite_with_gradients(toks):
+@pytest.mark.parametrize("variant", ["paper", "evl_uld"])
+def test_cross_tokenizer_evl_loss_is_finite_with_gradients(toks, variant):
   teacher, student = _models(toks)
   batch = {k: jnp.asarray(v) for k, v in _batch(toks).items() if k != "id"}
-  objective = losses.make_objective(
-      alpha=0.5, mhca_weight=1.0, relation_weight=1.0, ot_weight=1.0,
-      uld_weight=1.0, student_hidden_tap="hidden",
-      teacher_hidden_tap="hidden", student_ot_tap="visual",
-      teacher_ot_tap="visual", mhca_heads=2)
+  if variant == "paper":
+    objective = losses.make_objective(
+        alpha=0.5, mhca_weight=1.0, relation_weight=1.0, ot_weight=1.0,
+        uld_weight=1.0, student_hidden_tap="hidden",
+        teacher_hidden_tap="hidden", student_ot_tap="visual",
+        teacher_ot_tap="visual", mhca_heads=2)
+  else:  # the configured redesign: batch relations on pooled LM states
+    objective = losses.make_objective(
+        **vlm_config.get_config(f"loss={variant}").loss)
   task = task_lib.VLMTask()
   init = loop.state_initializer(student, optax.adam(1e-3), None, batch,
                                 objective, teacher, task)
