@@ -2,7 +2,9 @@
 # End-to-end demo on the embedded synthetic ECGs (CPU, a few minutes):
 # train a ViT teacher, train the CNN student with the task loss only, distil
 # the student from the frozen teacher with logit KD and with EVL (MHCA + OT +
-# relation), evaluate all four, print the table.
+# relation + KD, docs/evl.md) and with its control (EVL fed another record's
+# teacher outputs), evaluate them all, print the table and the distillation
+# diagnostics (does EVL depend on which record the teacher saw?).
 # Usage: [VARIANTS=...] launch/demo.sh [WORKDIR] [extra --config.* overrides]
 #   VARIANTS are config variants added to every run, e.g.
 #   VARIANTS=model=xresnet1d (an XResNet1D student) or VARIANTS=student_leads=I
@@ -29,8 +31,12 @@ DATA=(--config.data.data_dir="${WORKDIR}/tfds")
 "$PY" -m evl_ecg_jax.main --config="${CFG}:mode=distill,loss=evl${V}" \
   --config.teacher.init="${WORKDIR}/teacher" \
   --workdir="${WORKDIR}/student_evl" "${DATA[@]}" "$@"
+"$PY" -m evl_ecg_jax.main --config="${CFG}:mode=distill,loss=evl_shuffled${V}" \
+  --config.teacher.init="${WORKDIR}/teacher" \
+  --workdir="${WORKDIR}/student_evl_shuffled" "${DATA[@]}" "$@"
 "$PY" -m evl_ecg_jax.eval.report --out="${WORKDIR}/report.md" \
   "teacher (ViT1D)=${WORKDIR}/teacher" \
   "student, task loss only=${WORKDIR}/student_ce" \
   "student, distilled (KD)=${WORKDIR}/student_kd" \
-  "student, distilled (EVL)=${WORKDIR}/student_evl"
+  "student, distilled (EVL)=${WORKDIR}/student_evl" \
+  "student, EVL control (shuffled teacher)=${WORKDIR}/student_evl_shuffled"

@@ -1,7 +1,8 @@
 r"""Table of finished runs: python -m evl_ecg_jax.eval.report NAME=WORKDIR ...
 
 Reads each run's metrics.json and prints a markdown table (macro-AUC per
-split, per-class test AUC); --out also writes it to a file.
+split, per-class test AUC) and, for distilled runs, their distillation
+diagnostics (docs/evl.md); --out also writes them to a file.
 """
 
 from __future__ import annotations
@@ -42,6 +43,35 @@ def table(runs: dict[str, dict]) -> str:
   return "\n".join(rows)
 
 
+# (metrics.json key, column) of the diagnostics table: does distillation act
+# (gradient share), does it depend on the teacher's record (gradient cosine
+# with a shuffled teacher: 1 = not at all), does the student follow the
+# teacher (CKA, matched vs shuffled records).
+_DIAG = (("grad_share/{}", "grad share {}"),
+         ("teacher_grad_cos/{}", "shuffled-teacher grad cos {}"))
+_CKA = (("cka/pooled", "CKA pooled"), ("cka/pooled_shuffled", "(shuffled)"),
+        ("cka/tokens", "CKA tokens"), ("cka/tokens_shuffled", "(shuffled)"))
+
+
+def diagnostics_table(runs: dict[str, dict]) -> str:
+  """Markdown table of the distilled runs' last diagnostics ("" if none)."""
+  runs = {k: m for k, m in runs.items()
+          if any(key.startswith("diag/") for key in m)}
+  if not runs:
+    return ""
+  terms = sorted({k.split("/")[-1] for m in runs.values() for k in m
+                  if k.startswith("diag/grad_share/")})
+  cols = [(key.format(t), name.format(t)) for key, name in _DIAG
+          for t in terms] + list(_CKA)
+  rows = ["| run | " + " | ".join(name for _, name in cols) + " |",
+          "|---|" + "---|" * len(cols)]
+  for name, m in runs.items():
+    rows.append(f"| {name} | " + " | ".join(
+        f"{m[f'diag/{key}']:.3f}" if f"diag/{key}" in m else "–"
+        for key, _ in cols) + " |")
+  return "\n".join(rows)
+
+
 def main(argv):
   runs = {}
   for arg in argv[1:]:
@@ -50,6 +80,10 @@ def main(argv):
   if not runs:
     sys.exit("usage: python -m evl_ecg_jax.eval.report NAME=WORKDIR ...")
   text = table(runs)
+  diag = diagnostics_table(runs)
+  if diag:
+    text += ("\n\nDistillation diagnostics (end of training; docs/evl.md):"
+             "\n\n" + diag)
   print(text)
   if _OUT.value:
     with open(_OUT.value, "w", encoding="utf-8") as f:
