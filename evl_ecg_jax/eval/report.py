@@ -59,8 +59,9 @@ def diagnostics_table(runs: dict[str, dict]) -> str:
           if any(key.startswith("diag/") for key in m)}
   if not runs:
     return ""
-  terms = sorted({k.split("/")[-1] for m in runs.values() for k in m
-                  if k.startswith("diag/grad_share/")})
+  # Terms that reach the student (the aligner's guard never does).
+  terms = sorted({k.split("/")[-1] for m in runs.values() for k, v in m.items()
+                  if k.startswith("diag/grad_share/") and v > 0})
   cols = [(key.format(t), name.format(t)) for key, name in _DIAG
           for t in terms] + list(_CKA)
   rows = ["| run | " + " | ".join(name for _, name in cols) + " |",

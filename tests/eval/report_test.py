@@ -12,6 +12,7 @@ def _metrics(auc, **diag):
 def test_tables_read_the_metrics():
   runs = {"ce": _metrics(0.8),
           "evl": _metrics(0.85, grad_share__ot=0.25, grad_share__kd=0.5,
+                          grad_share__mhca_reconstruction=0.0,
                           teacher_grad_cos__ot=0.125, cka__pooled=0.75,
                           cka__pooled_shuffled=0.0625)}
   text = report.table(runs)
