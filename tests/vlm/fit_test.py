@@ -154,8 +154,13 @@ def test_tiny_vlm_overfits_a_handful_of_examples(toks):
   step = jax.jit(functools.partial(
       step_lib.train_step, teacher_params=None, model=student, teacher=None,
       objective=objective, tx=tx, axis_name=None, task=task_lib.VLMTask()))
-  for _ in range(300):
+  # Until the loss is near 0 (checked every 50 steps; the count it takes
+  # varies with the CPU's kernels): 300 sufficed on one machine, 0.05 and
+  # 0.11 were left after 300 on others.
+  for i in range(1, 1001):
     state, metrics = step(state, batch=batch)
+    if i % 50 == 0 and float(metrics["ce"]) < 0.02:
+      break
   assert float(metrics["ce"]) < 0.05, float(metrics["ce"])
   answers = evaluate_lib.generate_answers(
       student, state.params["model"], np.asarray(batch["image"]), tok,
