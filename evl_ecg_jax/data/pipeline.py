@@ -133,19 +133,20 @@ _IN_MEMORY: dict = {}  # (tfds name, data dir, split spec) -> records
 
 
 def _train_records(data_cfg, train):
-  """The training records as a grain MapDataset, read from the source on
-  every access, or (data.in_memory) read once per process and kept: the
-  same records in the same order, so the same batches. For many short runs
-  over a small dataset (benchmarks/kd_table.py), where decoding the
-  array_record source costs more CPU than the training steps."""
+  """The training records, read from the source on every access, or
+  (data.in_memory) decoded once per process and kept: the same records in
+  the same order, so the same batches. For many short runs over a small
+  dataset (benchmarks/kd_table.py), where decoding the array_record source
+  costs more CPU than the training steps. Returns (records to index for
+  per-record data such as labels, the grain MapDataset of them)."""
   if not data_cfg.get("in_memory", False):
-    return grain.MapDataset.source(train).map(_select)
+    return train, grain.MapDataset.source(train).map(_select)
   key = (data_cfg.tfds_name, _path(data_cfg.data_dir),
          data_cfg.splits["train"])
   if key not in _IN_MEMORY:
     _IN_MEMORY.clear()  # one split at a time
     _IN_MEMORY[key] = [_select(train[i]) for i in range(len(train))]
-  return grain.MapDataset.source(_IN_MEMORY[key])
+  return _IN_MEMORY[key], grain.MapDataset.source(_IN_MEMORY[key])
 
 
 def train_iterator(data_cfg, *, process_index=0, process_count=1,
@@ -162,9 +163,11 @@ def train_iterator(data_cfg, *, process_index=0, process_count=1,
   """
   batch = host_batch_size(data_cfg.batch_size, process_count)
   train = source(data_cfg, "train")
-  ds = _train_records(data_cfg, train)
+  # The labels protocol's mask reads the records kept in memory, if any,
+  # instead of decoding the split once more.
+  records, ds = _train_records(data_cfg, train)
   extra = dict(per_record or {})
-  mask = _label_mask(data_cfg, train)
+  mask = _label_mask(data_cfg, records)
   if mask is not None:
     extra["label_mask"] = mask
   for key, rows in extra.items():
