@@ -142,7 +142,10 @@ class Objective:
   dkd_alpha: float = 1.0
   dkd_beta: float = 8.0
   relation_batch_share: float = 0.0
-  shuffle_teacher: bool = False
+  # Records the teacher outputs (and teacher masks) are rolled by along the
+  # batch: 0 reads each record's own teacher; 1 is the shuffled-teacher
+  # control (config loss.shuffle_teacher); diagnostics add one more.
+  teacher_shift: int = 0
   ot_kwargs: dict = dataclasses.field(default_factory=dict)
 
   @property
@@ -187,11 +190,8 @@ class Objective:
     t_logits, t_feats = jax.lax.stop_gradient((t_logits, t_feats))
     w, tap, temp, masks = self.weights, self.taps, self.kd_temperature, (
         masks or {})
-    if self.shuffle_teacher:  # the control: another record's teacher
-      roll = lambda x: None if x is None else jnp.roll(x, 1, axis=0)
-      t_logits, t_feats = jax.tree.map(roll, (t_logits, t_feats))
-      masks = {k: roll(v) if k.startswith("teacher") else v
-               for k, v in masks.items()}
+    (t_logits, t_feats), masks = self._teacher_view((t_logits, t_feats),
+                                                    masks)
     head = ({} if self.heads is None else self.heads.apply(
         {"params": head_params}, s_feats, t_feats, masks))
     h_s, h_t = s_feats.get(tap["student_hidden"]), t_feats.get(
@@ -272,6 +272,16 @@ class Objective:
           centred(self._embedding(s_feats, "student", masks)))
     return loss
 
+  def _teacher_view(self, teacher_out, masks):
+    """(teacher_out, masks) with the teacher's side rolled by `teacher_shift`
+    records: the control reads another record's teacher, consistently."""
+    if not self.teacher_shift:
+      return teacher_out, masks
+    roll = lambda x: jnp.roll(x, self.teacher_shift, axis=0)
+    return jax.tree.map(roll, teacher_out), {
+        k: roll(v) if k.startswith("teacher") and v is not None else v
+        for k, v in masks.items()}
+
   def inspect(self, head_params, student_out, teacher_out, masks=None):
     """What the EVL terms see, for diagnostics (no gradient).
 
@@ -280,7 +290,8 @@ class Objective:
     """
     (_, s_feats), (_, t_feats) = jax.lax.stop_gradient(
         (student_out, teacher_out))
-    masks, out = masks or {}, {}
+    (_, t_feats), masks = self._teacher_view((None, t_feats), masks or {})
+    out = {}
     if self.heads is None:
       return out
     head, inter = self.heads.apply(
@@ -379,7 +390,7 @@ def make_objective(*, alpha: float, kd_weight: float = 0.0,
       mhca_reconstruction_weight=float(mhca_reconstruction_weight),
       dkd_alpha=float(dkd_alpha), dkd_beta=float(dkd_beta),
       relation_batch_share=float(relation_batch_share),
-      shuffle_teacher=bool(shuffle_teacher),
+      teacher_shift=int(bool(shuffle_teacher)),
       ot_kwargs=dict(epsilon=float(ot_epsilon), plan_gradient=ot_plan_gradient,
                      threshold=float(ot_threshold),
                      max_iterations=int(ot_max_iterations),

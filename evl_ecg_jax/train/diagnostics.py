@@ -26,11 +26,16 @@ at every validation step and summarised in metrics.json (docs/evl.md):
                      teacher features across the batch (logits, pooled
                      embeddings, time-aligned tokens), and with the teacher's
                      rows shuffled (its chance level)
-Teacher features are shuffled by rolling the batch by one record.
+Teacher outputs are shuffled as the `evl_shuffled` control shuffles them
+(`Objective.shuffle_teacher`: logits, features and the teacher's
+valid-token masks rolled by one record), so both read the same other
+record. In a control run the objective already reads another record's
+teacher, so its shuffled pass rolls by two.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -41,11 +46,6 @@ from evl_ecg_jax.losses import _ops
 from evl_ecg_jax.train import step as step_lib
 
 DIAGONAL_HALF_WIDTH = 2.5  # student tokens either side of the time diagonal
-
-
-def shuffled(tree):
-  """Every array rolled by one along the batch axis (another record's)."""
-  return jax.tree.map(lambda x: jnp.roll(x, 1, axis=0), tree)
 
 
 def _encoder_vector(tree):
@@ -181,8 +181,9 @@ def diagnostics(params, teacher_params, batch, *, model, teacher, objective,
                                    objective.model_taps("teacher"), task)
   kw = dict(model=model, objective=objective, task=task)
   terms, grads, s_out = term_gradients(params, batch, t_out, **kw)
-  terms_sh, grads_sh, _ = term_gradients(params, batch, shuffled(t_out),
-                                         after=grads, **kw)
+  terms_sh, grads_sh, _ = term_gradients(
+      params, batch, t_out, after=grads, **dict(kw, objective=dataclasses.replace(
+          objective, teacher_shift=objective.teacher_shift + 1)))
   weights = objective.term_weights
   task_grad = (1.0 - objective.alpha) * grads["ce"]
   out = {}

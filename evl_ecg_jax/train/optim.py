@@ -47,9 +47,15 @@ def make(optim_cfg, total_steps: int) -> optax.GradientTransformation:
 
   With `optim_cfg.heads_grad_clip_norm` > 0 the heads are clipped on their
   own and their learning rate is scaled by `heads_learning_rate_scale`;
-  with 0 one clip covers every parameter.
+  with 0 one clip covers every parameter (and the scale must stay 1).
   """
   if not optim_cfg.heads_grad_clip_norm:
+    if optim_cfg.heads_learning_rate_scale != 1.0:
+      raise ValueError(
+          "config.optim.heads_learning_rate_scale="
+          f"{optim_cfg.heads_learning_rate_scale} needs the heads' own "
+          "optimiser: set config.optim.heads_grad_clip_norm > 0 (with 0 one "
+          "AdamW updates every parameter and the scale would be ignored).")
     return _clipped_adamw(optim_cfg, total_steps, optim_cfg.grad_clip_norm)
   return optax.multi_transform({
       "model": _clipped_adamw(optim_cfg, total_steps,

@@ -234,3 +234,36 @@ def test_batch_relations_of_sequence_taps_average_the_valid_tokens():
       masks["student_hidden"][..., None], student[1]["tokens"], 1e3)})
   again = objective.distill_terms(None, noisy, teacher, masks=masks)
   assert float(again["relation"]) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_shuffled_teacher_rolls_outputs_and_teacher_masks_together():
+  """The control (teacher_shift=1) equals the matched objective fed another
+  record's teacher outputs with that record's token masks; rolling the
+  outputs without the masks (the failure this guards) gives another loss."""
+  student, teacher, _ = _outs(5)
+  rng = np.random.default_rng(6)
+  masks = {"student_hidden": jnp.asarray(rng.random((B, M)) < 0.7).at[
+               :, 0].set(True),
+           "teacher_hidden": jnp.asarray(rng.random((B, N)) < 0.6).at[
+               :, 0].set(True)}
+  matched = losses.make_objective(alpha=0.5, kd_weight=1.0, **EVL)
+  control = losses.make_objective(alpha=0.5, kd_weight=1.0,
+                                  shuffle_teacher=True, **EVL)
+  assert control.teacher_shift == 1 and matched.teacher_shift == 0
+  params = _init(matched, student, teacher)
+  roll = lambda x: jnp.roll(x, 1, axis=0)
+  by_hand = matched.distill_terms(
+      params, student, jax.tree.map(roll, teacher),
+      masks=dict(masks, teacher_hidden=roll(masks["teacher_hidden"])))
+  got = control.distill_terms(params, student, teacher, masks=masks)
+  for name, value in by_hand.items():
+    assert float(got[name]) == pytest.approx(float(value), rel=1e-5), name
+  unrolled_masks = matched.distill_terms(
+      params, student, jax.tree.map(roll, teacher), masks=masks)
+  assert abs(float(unrolled_masks["mhca"]) - float(got["mhca"])) > 1e-4
+  # What the diagnostics inspect is what the control's loss reads.
+  plans = control.inspect(params, student, teacher, masks)["ot_plans"]
+  want = matched.inspect(params, student, jax.tree.map(roll, teacher),
+                         dict(masks, teacher_hidden=roll(
+                             masks["teacher_hidden"])))["ot_plans"]
+  np.testing.assert_allclose(plans, want, rtol=1e-5, atol=1e-7)

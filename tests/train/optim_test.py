@@ -61,3 +61,10 @@ def test_heads_learning_rate_scale():
                              rtol=1e-5)
   np.testing.assert_allclose(u01["model"]["w"], u1["model"]["w"], rtol=1e-6)
   assert jax.tree.structure(u01) == jax.tree.structure(params)
+
+
+def test_heads_scale_without_the_heads_optimiser_is_refused():
+  with np.testing.assert_raises_regex(ValueError,
+                                      "heads_learning_rate_scale.*"
+                                      "heads_grad_clip_norm"):
+    optim.make(_cfg(heads_clip=0.0, heads_scale=0.1), total_steps=10)

@@ -15,6 +15,7 @@ Fails when a term ignores the teacher, when its gradient does not reach the
 student, or when the control is not a control.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -75,8 +76,8 @@ def _held_out(params, teacher_params, held, objective, student, teacher):
   t_out = teacher.apply({"params": teacher_params}, ecg,
                         taps=objective.model_taps("teacher"))
   _, matched = objective(params["heads"], s_out, t_out, labels)
-  _, other = objective(params["heads"], s_out, diag_lib.shuffled(t_out),
-                       labels)
+  shuffled = dataclasses.replace(objective, teacher_shift=1)
+  _, other = shuffled(params["heads"], s_out, t_out, labels)
   cka = diag_lib.linear_cka(s_out[1]["pooled"], t_out[1]["pooled"])
   return cka, {k: other[k] - matched[k] for k in TERMS}
 
