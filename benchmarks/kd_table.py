@@ -27,6 +27,10 @@ Steps (every choice on validation, mean over --tune_protocols, seed 0):
      thresholds chosen on validation.
 Every run lives in its own workdir under --out and is reused when its
 metrics.json exists, so an interrupted table resumes where it stopped.
+The independent runs of a step go to --workers processes at once, each
+on one core's worth of threads: the small models here keep two cores
+busy better as two runs than as one (measured: a step on one core costs
+1.2x its time on two, so two workers run the table about 1.6x faster).
 Writes kd_table.json (every run, the choices, the statistics, and what
 the figures need) and kd_table.md under --out, then publishes the JSON to
 docs/results/kd_table.json and docs/results.md (`benchmarks/kd_report.py`
@@ -35,7 +39,9 @@ regenerates the document from that JSON alone).
 
 from __future__ import annotations
 
+from concurrent import futures
 import json
+import multiprocessing
 import os
 import sys
 
@@ -43,6 +49,7 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -80,6 +87,14 @@ _TUNE_PROTOCOLS = flags.DEFINE_list(
     "Protocols whose mean validation macro-AUC (seed 0) picks the student "
     "length and every λ (regimes where the teacher knows more than the "
     "student sees).")
+_WORKERS = flags.DEFINE_integer(
+    "workers", 2, "Processes running independent runs at once (each with "
+    "one intra-op thread when > 1).")
+_ABLATION_PROTOCOLS = flags.DEFINE_list(
+    "ablation_protocols", ["leads_I", "labels"],
+    "Protocols with EVL's ablations and the shuffled-teacher control (where "
+    "the targets of issue #19 are set; the other protocols keep the "
+    "baselines, evl_paper and evl).")
 _TEACHER_STEPS = flags.DEFINE_integer("teacher_steps", 600, "Teacher steps.")
 _STEPS_GRID = flags.DEFINE_list("steps_grid", ["300", "600", "1200"],
                                 "Student lengths tried with task-only.")
@@ -138,37 +153,75 @@ def _set_steps(config, steps):
   config.ckpt_every_steps = steps
 
 
-def _run(name, config):
-  """Runs (or reuses) one workdir; returns its metrics.json."""
-  workdir = os.path.join(_OUT.value, "runs", name)
-  path = os.path.join(workdir, "metrics.json")
-  if not os.path.exists(path):
-    logging.info("Run %s", name)
-    loop.fit(config, workdir)
-    # Hundreds of runs in one process: drop the compiled executables of
-    # finished runs (XLA:CPU segfaulted once, compiling, after ~100 runs
-    # without this; the table resumes from the finished runs either way).
-    jax.clear_caches()
-  with open(path, encoding="utf-8") as f:
-    return dict(json.load(f), workdir=workdir)
+def _fit(config, workdir, cache_dir):
+  """One run (in this process or a worker's)."""
+  jax.config.update("jax_compilation_cache_dir", cache_dir)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  logging.info("Run %s", os.path.basename(workdir))
+  loop.fit(config, workdir)
+  # Hundreds of runs in one process: drop the compiled executables of
+  # finished runs (XLA:CPU segfaulted once, compiling, after ~100 runs
+  # without this; the table resumes from the finished runs either way).
+  jax.clear_caches()
+
+
+def _pool():
+  """The worker processes (None: run here). Each worker's XLA:CPU keeps to
+  one intra-op thread; set before the spawned interpreter imports jax."""
+  if _WORKERS.value <= 1:
+    return None
+  env = os.environ.get("XLA_FLAGS", "")
+  os.environ["XLA_FLAGS"] = (env + " --xla_cpu_multi_thread_eigen=false "
+                             "intra_op_parallelism_threads=1").strip()
+  try:
+    return futures.ProcessPoolExecutor(
+        _WORKERS.value, mp_context=multiprocessing.get_context("spawn"))
+  finally:
+    os.environ["XLA_FLAGS"] = env
+
+
+def _run_all(jobs):
+  """{name: config} -> {name: metrics.json + workdir}: runs (or reuses) the
+  independent runs, --workers at a time; a failed run raises here."""
+  workdirs = {name: os.path.join(_OUT.value, "runs", name) for name in jobs}
+  todo = [n for n in jobs
+          if not os.path.exists(os.path.join(workdirs[n], "metrics.json"))]
+  cache = os.path.join(os.path.abspath(_OUT.value), "jax_cache")
+  if _POOL[0] is None or len(todo) <= 1:
+    for name in todo:
+      _fit(jobs[name], workdirs[name], cache)
+  else:
+    for done in futures.as_completed([_POOL[0].submit(
+        _fit, jobs[n], workdirs[n], cache) for n in todo]):
+      done.result()
+  out = {}
+  for name, workdir in workdirs.items():
+    with open(os.path.join(workdir, "metrics.json"), encoding="utf-8") as f:
+      out[name] = dict(json.load(f), workdir=workdir)
+  return out
+
+
+_POOL = [None]  # main() sets it
 
 
 def _teacher():
   """Trains every candidate; returns (workdir, its family:size, all)."""
-  candidates = {}
+  jobs = {}
   for spec in _TEACHERS.value:
     family, size = spec.split(":")
     config = _config(f"mode=train_teacher,teacher={family},"
                      f"teacher_size={size}", 0, {})
     _set_steps(config, _TEACHER_STEPS.value)
-    candidates[spec] = _run(f"teacher_{family}_{size}", config)
+    jobs[spec] = (f"teacher_{family}_{size}", config)
+  done = _run_all(dict(jobs.values()))
+  candidates = {spec: done[name] for spec, (name, _) in jobs.items()}
   best = max(candidates,
              key=lambda k: candidates[k]["validation/macro_auc"])
   return best, candidates
 
 
 def _student_config(method, protocol, seed, teacher_spec, teacher_dir,
-                    weights, steps):
+                    weights, steps, diagnose=True):
   family, size = _STUDENT.value.split(":")
   t_family, t_size = teacher_spec.split(":")
   variants, overrides = PROTOCOLS[protocol]
@@ -183,10 +236,10 @@ def _student_config(method, protocol, seed, teacher_spec, teacher_dir,
   # The teacher is frozen and no augmentation is on: read its outputs from
   # the cache (train/teacher_cache.py) instead of running it every step.
   # Diagnostics (their own compiles) only where the report draws them.
-  config = _config(arg, seed, {**overrides, **loss,
-                               "teacher.init": teacher_dir,
-                               "teacher.cache_features": method != "ce",
-                               "eval.diagnostics": method.startswith("evl")})
+  config = _config(arg, seed, {
+      **overrides, **loss, "teacher.init": teacher_dir,
+      "teacher.cache_features": method != "ce",
+      "eval.diagnostics": diagnose and method.startswith("evl")})
   _set_steps(config, steps)
   return config
 
@@ -198,88 +251,107 @@ def _name(prefix, method, weights, steps, seed):
   return f"{prefix}_{method}{'_' + tag if tag else ''}_s{steps}_seed{seed}"
 
 
-def _validation(method, weights, steps, teacher_spec, teacher_dir):
-  """Mean validation macro-AUC over the tuning protocols, seed 0."""
-  scores = []
-  for protocol in _TUNE_PROTOCOLS.value:
-    metrics = _run(_name(f"tune_{protocol}", method, weights, steps, 0),
-                   _student_config(method, protocol, 0, teacher_spec,
-                                   teacher_dir, weights, steps))
-    scores.append(metrics["validation/macro_auc"])
-  return float(sum(scores) / len(scores))
+def _validation(candidates, teacher_spec, teacher_dir):
+  """[(method, weights, steps)] -> [mean validation macro-AUC over the
+  tuning protocols, seed 0], the runs made together (no diagnostics)."""
+  jobs = {}
+  for method, weights, steps in candidates:
+    for protocol in _TUNE_PROTOCOLS.value:
+      jobs[_name(f"tune_{protocol}", method, weights, steps, 0)] = (
+          _student_config(method, protocol, 0, teacher_spec, teacher_dir,
+                          weights, steps, diagnose=False))
+  done = _run_all(jobs)
+  return [float(np.mean([
+      done[_name(f"tune_{p}", method, weights, steps, 0)][
+          "validation/macro_auc"] for p in _TUNE_PROTOCOLS.value]))
+          for method, weights, steps in candidates]
 
 
 def _length(teacher_spec, teacher_dir):
   """The student length: the shortest of --steps_grid whose task-only
   validation AUC is within --flat_tol of the best; and the curve."""
-  curve = {int(n): _validation("ce", {}, int(n), teacher_spec, teacher_dir)
-           for n in _STEPS_GRID.value}
+  lengths = [int(n) for n in _STEPS_GRID.value]
+  scores = _validation([("ce", {}, n) for n in lengths], teacher_spec,
+                       teacher_dir)
+  curve = dict(zip(lengths, scores))
   best = max(curve.values())
   steps = min(n for n, v in curve.items() if v >= best - _FLAT_TOL.value)
   return steps, curve
 
 
-def _tune_evl(steps, teacher_spec, teacher_dir):
+def _tune_evl(steps, teacher_spec, teacher_dir, first=()):
   """EVL's λ per term, one term at a time (_EVL_GRID); returns the choice
-  and every (field, value, score) tried."""
+  and every (field, value, score) tried. `first`: other candidates run
+  with the first term's grid (their scores are returned too)."""
   chosen = {f: default.get_config("loss=evl").loss[f] for f, _ in _EVL_GRID}
-  tried = []
+  tried, others = [], None
   for field, values in _EVL_GRID:
-    scores = {}
-    for value in values:
-      weights = dict(chosen, **{field: float(value)})
-      scores[value] = _validation("evl", weights, steps, teacher_spec,
-                                  teacher_dir)
+    grid = [("evl", dict(chosen, **{field: float(v)}), steps)
+            for v in values]
+    scores = _validation(grid + list(first if others is None else ()),
+                         teacher_spec, teacher_dir)
+    if others is None:
+      others = scores[len(grid):]
+    for (_, weights, _), value, score in zip(grid, values, scores):
       tried.append(dict(field=field, value=float(value), weights=weights,
-                        score=scores[value]))
-    chosen[field] = float(max(scores, key=scores.get))
-  return chosen, tried
+                        score=score))
+    chosen[field] = float(values[int(np.argmax(scores[:len(grid)]))])
+  return chosen, tried, others
 
 
 def _tune(steps, teacher_spec, teacher_dir):
-  """{method family: {λ field: value}} chosen on validation, and the runs."""
+  """{method family: {λ field: value}} chosen on validation, and the runs.
+  The baselines' grids run beside EVL's first term."""
+  families = [m for m in dict.fromkeys(_family(m) for m in _METHODS.value)
+              if m != "ce"]
+  grid = [(m, {f: float(v) for f in _TUNED[m]}, steps) for m in families
+          if m != "evl" for v in _GRID.value]
   chosen, runs = {}, {}
-  for method in dict.fromkeys(_family(m) for m in _METHODS.value):
-    if method == "ce":
-      continue
-    if method == "evl":
-      chosen[method], runs[method] = _tune_evl(steps, teacher_spec,
-                                               teacher_dir)
-      continue
-    scores = {}
-    for value in _GRID.value:
-      weights = {field: float(value) for field in _TUNED[method]}
-      scores[value] = _validation(method, weights, steps, teacher_spec,
-                                  teacher_dir)
-    best = max(scores, key=scores.get)
-    chosen[method] = {field: float(best) for field in _TUNED[method]}
-    runs[method] = scores
+  if "evl" in families:
+    chosen["evl"], runs["evl"], scores = _tune_evl(steps, teacher_spec,
+                                                   teacher_dir, grid)
+  else:
+    scores = _validation(grid, teacher_spec, teacher_dir)
+  for (method, weights, _), score in zip(grid, scores):
+    runs.setdefault(method, {})[f"{next(iter(weights.values())):g}"] = score
+  for method in runs:
+    if method != "evl":
+      best = max(runs[method], key=runs[method].get)
+      chosen[method] = {f: float(best) for f in _TUNED[method]}
   return chosen, runs
 
 
 def _table(steps, chosen, teacher_spec, teacher_dir):
-  """Every protocol x method x seed at the chosen length and λ."""
-  runs = []
+  """Every protocol x method x seed at the chosen length and λ (EVL's
+  ablations and control in --ablation_protocols only)."""
+  cells, jobs = [], {}
   for protocol in _PROTOCOLS.value:
     for method in _METHODS.value:
+      if (method.startswith("evl_no_") or method == "evl_shuffled") and (
+          protocol not in _ABLATION_PROTOCOLS.value):
+        continue
       weights = chosen.get(_family(method), {})
       for seed in range(_SEEDS.value):
-        metrics = _run(_name(protocol, method, weights, steps, seed),
-                       _student_config(method, protocol, seed, teacher_spec,
-                                       teacher_dir, weights, steps))
-        runs.append(dict(protocol=protocol, method=method, seed=seed,
-                         metrics=metrics))
-  return runs
+        name = _name(protocol, method, weights, steps, seed)
+        cells.append((protocol, method, seed, name))
+        jobs[name] = _student_config(method, protocol, seed, teacher_spec,
+                                     teacher_dir, weights, steps)
+  # Protocol by protocol (a table cut short still has whole protocols),
+  # the slow (EVL) runs first within each, so the workers finish together.
+  order = {name: (_PROTOCOLS.value.index(p), not m.startswith("evl"))
+           for p, m, _, name in cells}
+  done = _run_all(dict(sorted(jobs.items(), key=lambda kv: order[kv[0]])))
+  return [dict(protocol=p, method=m, seed=seed, metrics=done[name])
+          for p, m, seed, name in cells]
 
 
 def main(argv):
   del argv
   if not _MANUAL_DIR.value:
     raise app.UsageError("--manual_dir (or $PTBXL_DIR) must point at PTB-XL.")
-  # Hundreds of runs compile the same few steps: keep the executables.
-  jax.config.update("jax_compilation_cache_dir",
-                    os.path.join(os.path.abspath(_OUT.value), "jax_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  # Hundreds of runs compile the same few steps: keep the executables
+  # (_fit points every process at one persistent cache).
+  _POOL[0] = _pool()
   teacher_spec, teachers = _teacher()
   teacher = teachers[teacher_spec]
   steps, curve = _length(teacher_spec, teacher["workdir"])

@@ -208,6 +208,16 @@ def test_cached_teacher_gives_the_online_result(teacher_dir, tfds_dir,
                              logits, atol=1e-5)
   np.testing.assert_allclose(np.load(os.path.join(root, "tokens.npy"))[rows],
                              feats["tokens"], atol=1e-4)
+  # Two runs of a sweep building the same cache at once: the later one
+  # finds the complete cache in place, keeps it and leaves no temporary.
+  from evl_ecg_jax.train import teacher_cache  # pylint: disable=g-import-not-at-top
+  before = {n: os.path.getmtime(os.path.join(root, n))
+            for n in os.listdir(root)}
+  teacher_cache._build(config, teacher, checkpoint.load_params(  # pylint: disable=protected-access
+      teacher_dir)["model"], ("tokens",), root)
+  assert before == {n: os.path.getmtime(os.path.join(root, n))
+                    for n in os.listdir(root)}
+  assert os.listdir(os.path.join(teacher_dir, "feature_cache")) == caches
   with pytest.raises(config_lib.ConfigError, match="cache_features=True "
                      "with training augmentations"):
     loop.fit(_config("mode=distill,loss=fitnet", tfds_dir,

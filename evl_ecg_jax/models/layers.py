@@ -60,7 +60,9 @@ def select_leads(ecg, spec: str):
   if ecg.shape[-1] != len(LEADS):
     raise ValueError(f"leads={spec!r} selects from the 12 standard leads; "
                      f"got an input with {ecg.shape[-1]} leads.")
-  return ecg[..., jnp.asarray(lead_indices(spec))]
+  # jnp.take: `ecg` may be a NumPy array (then `ecg[..., jax index]`
+  # fails under jit) or a jax one.
+  return jnp.take(ecg, jnp.asarray(lead_indices(spec)), axis=-1)
 
 
 class Taps:

@@ -98,6 +98,12 @@ def _build(config, teacher, teacher_params, taps, root):
     np.save(os.path.join(tmp, "ids.npy"), np.concatenate(ids))
     with open(os.path.join(tmp, "index.json"), "w", encoding="utf-8") as f:
       json.dump({"outputs": sorted(outputs), "taps": list(taps)}, f)
-    os.replace(tmp, root)
+    try:
+      os.replace(tmp, root)
+    except OSError:
+      # Another run of a sweep built the same cache (same key) meanwhile:
+      # keep that complete one, drop ours.
+      if not os.path.isfile(os.path.join(root, "index.json")):
+        raise
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
