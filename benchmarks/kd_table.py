@@ -44,6 +44,8 @@ import json
 import multiprocessing
 import os
 import sys
+import threading
+import time
 
 from absl import app
 from absl import flags
@@ -165,6 +167,16 @@ def _fit(config, workdir, cache_dir):
   jax.clear_caches()
 
 
+def _exit_with_parent(parent):
+  """A worker stops as soon as the table's process is gone (killed or
+  failed), instead of finishing its run in a workdir a rerun will use."""
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(1.0)
+    os._exit(1)  # pylint: disable=protected-access
+  threading.Thread(target=watch, daemon=True).start()
+
+
 def _pool():
   """The worker processes (None: run here). Each worker's XLA:CPU keeps to
   one intra-op thread; set before the spawned interpreter imports jax."""
@@ -175,7 +187,8 @@ def _pool():
                              "intra_op_parallelism_threads=1").strip()
   try:
     return futures.ProcessPoolExecutor(
-        _WORKERS.value, mp_context=multiprocessing.get_context("spawn"))
+        _WORKERS.value, mp_context=multiprocessing.get_context("spawn"),
+        initializer=_exit_with_parent, initargs=(os.getpid(),))
   finally:
     os.environ["XLA_FLAGS"] = env
 
@@ -352,6 +365,15 @@ def main(argv):
   # Hundreds of runs compile the same few steps: keep the executables
   # (_fit points every process at one persistent cache).
   _POOL[0] = _pool()
+  try:
+    _main()
+  finally:
+    if _POOL[0] is not None:  # a failed run: stop the others now
+      _POOL[0].shutdown(wait=False, cancel_futures=True)
+
+
+def _main():
+  """The four steps of the module docstring, then the JSON and the report."""
   teacher_spec, teachers = _teacher()
   teacher = teachers[teacher_spec]
   steps, curve = _length(teacher_spec, teacher["workdir"])

@@ -11,8 +11,6 @@ bf16"); 2b / 7b also rematerialise each transformer block.
 
 from __future__ import annotations
 
-import math
-
 _BF16 = dict(dtype="bfloat16", param_dtype="float32")
 
 PRESETS = {
@@ -100,20 +98,3 @@ def model_config(family: str, size: str, *, samples: int,
   return {"name": family, "dtype": "float32", "param_dtype": "float32",
           **PRESETS[family][size],
           **token_geometry(family, samples=samples, tokens=tokens)}
-
-
-def expected_tokens(family: str, fields: dict, samples: int) -> int:
-  """Token count the model block `fields` gives for `samples` samples."""
-  if family == "vit1d":
-    return fields.get("lead_groups", 1) * math.ceil(
-        samples / fields["patch_size"])
-  if family == "cnn1d":
-    return math.ceil(samples / 2 ** len(fields["widths"]))
-  n = samples
-  if family == "xresnet1d":
-    strides = [fields["stem_stride"], 2] + [2] * (len(fields["widths"]) - 1)
-  else:
-    strides = [fields["stem_stride"]] + [2] * (len(fields["widths"]) - 1)
-  for s in strides:
-    n = math.ceil(n / s)
-  return n

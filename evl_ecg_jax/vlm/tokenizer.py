@@ -208,12 +208,6 @@ class Tokenizer:
     return out
 
 
-def token_offsets(tokenizer: Tokenizer, text: str) -> list[tuple[int, int]]:
-  """(start, end) character span in `text` of each token of encode(text)."""
-  encoding = tokenizer.backend.encode(text, add_special_tokens=False)
-  return [tuple(span) for span in encoding.offsets]
-
-
 def encode_example(tokenizer: Tokenizer, example: text_lib.Example,
                    max_len: int, truncate: bool = False
                    ) -> tuple[np.ndarray, np.ndarray]:
@@ -222,11 +216,3 @@ def encode_example(tokenizer: Tokenizer, example: text_lib.Example,
       tokenizer.encode(example.prompt, bos=True),
       tokenizer.encode(example.answer), eos_id=tokenizer.eos_id,
       pad_id=tokenizer.pad_id, max_len=max_len, truncate=truncate)
-
-
-def train_pair(texts: Iterable[str], teacher: tuple[str, int] = TEACHER,
-               student: tuple[str, int] = STUDENT
-               ) -> tuple[Tokenizer, Tokenizer]:
-  """Teacher and student tokenizers trained on the same texts."""
-  texts = list(texts)
-  return (Tokenizer.train(texts, *teacher), Tokenizer.train(texts, *student))
