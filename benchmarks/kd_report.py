@@ -350,14 +350,23 @@ def _verdict(summary):
     met = "met" if gap >= 0.5 else "missed"
     lines.append(f"- **{protocol}**: EVL closes {gap:.0%} of the "
                  f"teacher–student gap (target ≥ 50 %: {met}).")
-    for c in ([s["evl_vs_best"]] if "evl_vs_best" in s else []) + s.get(
-        "paired", []):
+    pairs = [s[k] for k in ("evl_vs_best", "evl_vs_kd") if k in s] + (
+        s.get("paired", []))
+    unique = {}
+    for c in pairs:
+      unique.setdefault(c["baseline"], c)
+    for c in unique.values():
       lines.append(f"  - EVL − {c['baseline']}: {_ci(c)}.")
     if "shuffled_retained" in s:
       kept = s["shuffled_retained"]
-      lines.append(f"  - the shuffled-teacher control keeps {kept:.0%} of "
-                   f"EVL's gain over ce (target < 50 %: "
-                   f"{'met' if kept < 0.5 else 'missed'}).")
+      auc = {m: rows[m]["test_auc"][0] for m in ("evl_shuffled", "ce")}
+      lines.append(
+          f"  - the shuffled-teacher control (test AUC "
+          f"{auc['evl_shuffled']:.4f}, task-only {auc['ce']:.4f}) keeps "
+          f"{kept:.0%} of EVL's gain over ce (target < 50 %: "
+          f"{'met' if kept < 0.5 else 'missed'}"
+          + ("; below task-only: another record's teacher misleads the "
+             "student" if kept < 0 else "") + ").")
   return "\n".join(lines)
 
 
