@@ -469,6 +469,9 @@ the best baseline is the one with the highest mean validation AUC.
 {stats.markdown(result['summary'])}
 ## Against the targets
 
+What these numbers say, and the diagnostics behind each missed target:
+[docs/evl.md, "The results table"](evl.md#the-results-table).
+
 {_verdict(result['summary'])}
 
 ## Distillation diagnostics (end of training, mean over seeds)
@@ -505,7 +508,8 @@ def publish(result, docs, table):
     collect(result)
   os.makedirs(os.path.dirname(os.path.abspath(table)), exist_ok=True)
   with open(table, "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=1, default=float)
+    # Compact: the published table stays under 1 MB.
+    json.dump(result, f, separators=(",", ":"), default=float)
   write(result, docs, table)
 
 

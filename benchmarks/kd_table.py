@@ -12,8 +12,9 @@ Superdiagnostic PTB-XL labels (5 classes), 100 Hz; folds from --folds
   labels      the student keeps labels for 10 % of the training records
               (stratified, seeded per seed); distillation uses all records.
 Rows: the baselines, `evl_paper` (the paper's formulation), `evl` (ours,
-docs/evl.md), its three ablations and `evl_shuffled` (EVL fed the teacher
-outputs of another record of the batch: the control).
+docs/evl.md), and in --ablation_protocols its three ablations and
+`evl_shuffled` (EVL fed the teacher outputs of another record of the
+batch: the control).
 Steps (every choice on validation, mean over --tune_protocols, seed 0):
   1. teacher: each --teachers candidate is trained once (12 leads, all
      labels); the best by validation macro-AUC is the teacher of every

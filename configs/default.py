@@ -174,27 +174,11 @@ def _loss_config(loss, student, teacher):
 
 
 
-def get_config(arg=None):
-  """Returns the run config for the variants in `arg`."""
-  arg = config_lib.parse_arg(arg, mode="distill", size="tiny",
-                             teacher_size="", student_size="",
-                             teacher="vit1d", model="cnn1d",
-                             teacher_leads="all", student_leads="all",
-                             loss="kd", data="synthetic", folds="standard",
-                             parallel="pmap", runlocal=False)
-  for variant, known in (("data", _DATA), ("folds", _FOLDS)):
-    if arg[variant] not in known:
-      raise config_lib.ConfigError(
-          f"Config variant {variant}={arg[variant]!r}: expected one of "
-          f"{sorted(known)}.")
-  synthetic = arg.data.startswith("synthetic")
-  config = ml_collections.ConfigDict()
-  config.mode = arg.mode
-  config.seed = 0
-
+def _data_config(arg, synthetic):
+  """config.data for the `data` / `folds` / `runlocal` variants."""
   tfds_name, rate = _DATA["synthetic_tiny" if arg.runlocal and synthetic
                            else arg.data]
-  config.data = dict(
+  return dict(
       tfds_name=tfds_name,
       data_dir="",  # "" -> TFDS default ($TFDS_DATA_DIR or ~/tensorflow_datasets).
       # Real data: the downloaded dataset in its official layout (TFDS
@@ -230,6 +214,9 @@ def get_config(arg=None):
       in_memory=False,
   )
 
+
+def _model_configs(arg, rate):
+  """(config.teacher, config.student) for the model variants."""
   samples = 10 * rate  # 10-s records.
 
   def model_block(role, family, size, leads):
@@ -243,7 +230,7 @@ def get_config(arg=None):
     return dict(fields, leads=leads, dropout=dropout)
 
   teacher_size = arg.teacher_size or arg.size
-  config.teacher = dict(
+  teacher = dict(
       init="",  # workdir of the train_teacher run; read in distill mode.
       # Dtype of the frozen teacher's params in distillation (cast on load).
       frozen_param_dtype=("bfloat16" if teacher_size in _BF16_TEACHER
@@ -253,9 +240,49 @@ def get_config(arg=None):
       # running it every step; refused with augmentations on.
       cache_features=False,
       **model_block("teacher", arg.teacher, teacher_size, arg.teacher_leads))
-  config.student = model_block("student", arg.model,
-                               arg.student_size or arg.size,
-                               arg.student_leads)
+  student = model_block("student", arg.model, arg.student_size or arg.size,
+                        arg.student_leads)
+  return teacher, student
+
+
+def _optim_config():
+  """config.optim: AdamW on a warmup + cosine schedule."""
+  return dict(
+      learning_rate=1e-3,  # peak, after linear warmup; cosine decay to 0.
+      warmup_steps=40,
+      weight_decay=1e-4,  # AdamW, on kernels only.
+      b1=0.9,
+      b2=0.999,
+      grad_clip_norm=1.0,
+      # The distillation heads (params["heads"]) on their own clip and
+      # learning-rate scale; 0: one global clip over student and heads.
+      # (In the paper's EVL the aligner's guard gradient, 1.3, exceeded the
+      # global clip and rescaled the student's task step.)
+      heads_grad_clip_norm=0.0,
+      heads_learning_rate_scale=1.0,
+  )
+
+
+def get_config(arg=None):
+  """Returns the run config for the variants in `arg`."""
+  arg = config_lib.parse_arg(arg, mode="distill", size="tiny",
+                             teacher_size="", student_size="",
+                             teacher="vit1d", model="cnn1d",
+                             teacher_leads="all", student_leads="all",
+                             loss="kd", data="synthetic", folds="standard",
+                             parallel="pmap", runlocal=False)
+  for variant, known in (("data", _DATA), ("folds", _FOLDS)):
+    if arg[variant] not in known:
+      raise config_lib.ConfigError(
+          f"Config variant {variant}={arg[variant]!r}: expected one of "
+          f"{sorted(known)}.")
+  synthetic = arg.data.startswith("synthetic")
+  config = ml_collections.ConfigDict()
+  config.mode = arg.mode
+  config.seed = 0
+  config.data = _data_config(arg, synthetic)
+  config.teacher, config.student = _model_configs(
+      arg, config.data.sampling_rate)
 
   # Logical axis -> mesh axis (models/layers.py names the axes); used when
   # params and activations are sharded over a `data x fsdp x tensor` mesh.
@@ -279,20 +306,7 @@ def get_config(arg=None):
 
   config.loss, optim_variant = _loss_config(arg.loss, config.student,
                                             config.teacher)
-  config.optim = dict(
-      learning_rate=1e-3,  # peak, after linear warmup; cosine decay to 0.
-      warmup_steps=40,
-      weight_decay=1e-4,  # AdamW, on kernels only.
-      b1=0.9,
-      b2=0.999,
-      grad_clip_norm=1.0,
-      # The distillation heads (params["heads"]) on their own clip and
-      # learning-rate scale; 0: one global clip over student and heads.
-      # (In the paper's EVL the aligner's guard gradient, 1.3, exceeded the
-      # global clip and rescaled the student's task step.)
-      heads_grad_clip_norm=0.0,
-      heads_learning_rate_scale=1.0,
-  )
+  config.optim = _optim_config()
   config.optim.update(optim_variant)
   config.total_steps = 4 if arg.runlocal else _STEPS[arg.mode]
   if arg.runlocal:

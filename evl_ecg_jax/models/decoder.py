@@ -213,6 +213,39 @@ def init_cache(model: Decoder, batch: int, max_len: int, dtype=None):
           "layers": tuple(kv() for _ in range(model.depth))}
 
 
+def _stepper(model, apply, prompt, prefix, mask, max_new_tokens, pad_id,
+             use_cache):
+  """(prompt logits, state, step): `step(state, t, token)` -> (logits of
+  the next token, state), with a KV cache or by recomputing everything."""
+  batch, prompt_len = prompt.shape[:2]
+  size = (0 if prefix is None else prefix.shape[1]) + prompt_len
+  if use_cache:
+    state = init_cache(model, batch, size + max_new_tokens)
+    logits, _, state = apply(prompt, prefix=prefix, mask=mask, cache=state,
+                             taps=())
+
+    def step(cache, t, token):
+      del t
+      out, _, cache = apply(token[:, None], cache=cache, taps=())
+      return out[:, -1], cache
+    return logits, state, step
+  logits, _ = apply(prompt, prefix=prefix, mask=mask, taps=())
+  state = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
+  embedded = (prompt if prompt.ndim == 3 else
+              apply(prompt, method=Decoder.embed)).astype(model.dtype)
+
+  def recompute(generated, t, token):
+    generated = generated.at[:, t].set(token)
+    inputs = jnp.concatenate(
+        [embedded, apply(generated, method=Decoder.embed)], axis=1)
+    seen = jnp.arange(max_new_tokens) <= t
+    full = jnp.concatenate(
+        [mask.astype(bool), jnp.broadcast_to(seen, generated.shape)], 1)
+    out, _ = apply(inputs, prefix=prefix, mask=full, taps=())
+    return out[:, prompt_len + t], generated
+  return logits, state, recompute
+
+
 @functools.partial(jax.jit, static_argnames=(
     "model", "max_new_tokens", "eos_id", "pad_id", "use_cache",
     "return_logits"))
@@ -240,35 +273,11 @@ def generate(model: Decoder, params, prompt, *, max_new_tokens: int,
     (+ "logits" [B, T, vocab]); the loop stops once every sequence is done.
   """
   apply = functools.partial(model.apply, {"params": params})
-  batch, prompt_len = prompt.shape[:2]
+  batch = prompt.shape[0]
   rng = jax.random.PRNGKey(0) if rng is None else rng
-  mask = jnp.ones((batch, prompt_len), bool) if mask is None else mask
-  size = (0 if prefix is None else prefix.shape[1]) + prompt_len
-  if use_cache:
-    state = init_cache(model, batch, size + max_new_tokens)
-    logits, _, state = apply(prompt, prefix=prefix, mask=mask, cache=state,
-                             taps=())
-
-    def step(cache, t, token):
-      del t
-      out, _, cache = apply(token[:, None], cache=cache, taps=())
-      return out[:, -1], cache
-  else:
-    logits, _ = apply(prompt, prefix=prefix, mask=mask, taps=())
-    state = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
-    embedded = (prompt if prompt.ndim == 3 else
-                apply(prompt, method=Decoder.embed)).astype(model.dtype)
-
-    def step(generated, t, token):
-      generated = generated.at[:, t].set(token)
-      inputs = jnp.concatenate(
-          [embedded, apply(generated, method=Decoder.embed)], axis=1)
-      seen = jnp.arange(max_new_tokens) <= t
-      full = jnp.concatenate(
-          [mask.astype(bool), jnp.broadcast_to(seen, generated.shape)], 1)
-      out, _ = apply(inputs, prefix=prefix, mask=full, taps=())
-      return out[:, prompt_len + t], generated
-
+  mask = jnp.ones(prompt.shape[:2], bool) if mask is None else mask
+  logits, state, step = _stepper(model, apply, prompt, prefix, mask,
+                                 max_new_tokens, pad_id, use_cache)
   temperature = jnp.asarray(temperature, jnp.float32)
 
   def body(carry):

@@ -130,34 +130,42 @@ def train_step(state, teacher_params, batch, *, model, teacher, objective,
   if accum_steps == 1:
     grads, metrics = grads_and_metrics(batch, rng)
   else:
-    micro = jax.tree.map(lambda x: micro_batches(x, accum_steps), batch)
-    first = jax.tree.map(lambda x: x[0], micro)
-    f32 = lambda t: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32),
-                                 t)
-    zeros = f32(jax.eval_shape(grads_and_metrics, first, rng))
-    if axis_name is not None:
-      zeros = jax.lax.pcast(zeros, axis_name, to="varying")
-
-    def accumulate(total, xs):
-      i, mb = xs
-      out = grads_and_metrics(mb, jax.random.fold_in(rng, i))
-      return jax.tree.map(lambda t, x: t + x.astype(jnp.float32), total,
-                          out), None
-
-    total, _ = jax.lax.scan(accumulate, zeros,
-                            (jnp.arange(accum_steps), micro))
-    grads, metrics = jax.tree.map(
-        lambda t, p: (t / accum_steps).astype(p.dtype), total,
-        jax.eval_shape(grads_and_metrics, first, rng))
+    grads, metrics = _accumulated(grads_and_metrics, batch, rng, accum_steps,
+                                  axis_name)
   if axis_name is not None:
     grads = jax.lax.pmean(grads, axis_name)
     metrics = jax.lax.pmean(metrics, axis_name)
+  return _guarded_update(state, grads, metrics, tx)
+
+
+def _accumulated(grads_and_metrics, batch, rng, accum_steps, axis_name):
+  """(grads, metrics) of `accum_steps` micro-batches run in a `lax.scan`,
+  averaged in float32."""
+  micro = jax.tree.map(lambda x: micro_batches(x, accum_steps), batch)
+  first = jax.tree.map(lambda x: x[0], micro)
+  shapes = jax.eval_shape(grads_and_metrics, first, rng)
+  zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), shapes)
+  if axis_name is not None:
+    zeros = jax.lax.pcast(zeros, axis_name, to="varying")
+
+  def accumulate(total, xs):
+    i, mb = xs
+    out = grads_and_metrics(mb, jax.random.fold_in(rng, i))
+    return jax.tree.map(lambda t, x: t + x.astype(jnp.float32), total,
+                        out), None
+
+  total, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum_steps), micro))
+  return jax.tree.map(lambda t, p: (t / accum_steps).astype(p.dtype), total,
+                      shapes)
+
+
+def _guarded_update(state, grads, metrics, tx):
+  """The optimiser update, unless the loss or gradients are not finite:
+  then params and optimizer state stay as they were (the step counter and
+  the data move on; the host counts these steps, train/guards.py)."""
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
   metrics["grad_norm"] = optax.global_norm(grads)
-  # Numerical guard: a step whose loss or gradients are not finite leaves
-  # params and optimizer state as they were (the step counter and the data
-  # move on); the host counts these steps (train/loop.py: NonFiniteGuard).
   finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
   keep = lambda new, old: jax.tree.map(
       lambda n, o: jnp.where(finite, n, o), new, old)
