@@ -27,7 +27,7 @@ at every validation step and summarised in metrics.json (docs/evl.md):
                      embeddings, time-aligned tokens), and with the teacher's
                      rows shuffled (its chance level)
 Teacher outputs are shuffled as the `evl_shuffled` control shuffles them
-(`Objective.shuffle_teacher`: logits, features and the teacher's
+(`Objective.teacher_shift`: logits, features and the teacher's
 valid-token masks rolled by one record), so both read the same other
 record. In a control run the objective already reads another record's
 teacher, so its shuffled pass rolls by two.
@@ -181,9 +181,10 @@ def diagnostics(params, teacher_params, batch, *, model, teacher, objective,
                                    objective.model_taps("teacher"), task)
   kw = dict(model=model, objective=objective, task=task)
   terms, grads, s_out = term_gradients(params, batch, t_out, **kw)
-  terms_sh, grads_sh, _ = term_gradients(
-      params, batch, t_out, after=grads, **dict(kw, objective=dataclasses.replace(
-          objective, teacher_shift=objective.teacher_shift + 1)))
+  shifted = dataclasses.replace(objective,
+                                teacher_shift=objective.teacher_shift + 1)
+  terms_sh, grads_sh, _ = term_gradients(params, batch, t_out, after=grads,
+                                         **dict(kw, objective=shifted))
   weights = objective.term_weights
   task_grad = (1.0 - objective.alpha) * grads["ce"]
   out = {}

@@ -22,6 +22,16 @@ def _outs(seed=0, dtype=jnp.float32):
   return student, teacher, labels
 
 
+def _token_masks(seed, teacher_keep=0.7):
+  """Random valid-token masks of the hidden taps (first token always
+  valid): student [B, M] keeps ~70 %, teacher [B, N] ~`teacher_keep`."""
+  rng = np.random.default_rng(seed)
+  return {"student_hidden": jnp.asarray(rng.random((B, M)) < 0.7).at[
+              :, 0].set(True),
+          "teacher_hidden": jnp.asarray(rng.random((B, N)) < teacher_keep).at[
+              :, 0].set(True)}
+
+
 def _init(objective, student, teacher):
   return objective.init_heads(jax.random.PRNGKey(0), student[1], teacher[1])
 
@@ -209,11 +219,7 @@ def test_batch_relations_of_sequence_taps_average_the_valid_tokens():
   """A sequence `embed` tap (a language model's hidden states) enters the
   across-records relation as its mean over the valid positions."""
   student, teacher, labels = _outs(3)
-  rng = np.random.default_rng(4)
-  masks = {"student_hidden": jnp.asarray(rng.random((B, M)) < 0.7).at[
-               :, 0].set(True),
-           "teacher_hidden": jnp.asarray(rng.random((B, N)) < 0.7).at[
-               :, 0].set(True)}
+  masks = _token_masks(4)
   objective = losses.make_objective(
       alpha=0.5, relation_weight=1.0, relation_batch_share=1.0,
       student_embed_tap="tokens", teacher_embed_tap="tokens")
@@ -241,29 +247,22 @@ def test_shuffled_teacher_rolls_outputs_and_teacher_masks_together():
   record's teacher outputs with that record's token masks; rolling the
   outputs without the masks (the failure this guards) gives another loss."""
   student, teacher, _ = _outs(5)
-  rng = np.random.default_rng(6)
-  masks = {"student_hidden": jnp.asarray(rng.random((B, M)) < 0.7).at[
-               :, 0].set(True),
-           "teacher_hidden": jnp.asarray(rng.random((B, N)) < 0.6).at[
-               :, 0].set(True)}
+  masks = _token_masks(6, teacher_keep=0.6)
   matched = losses.make_objective(alpha=0.5, kd_weight=1.0, **EVL)
   control = losses.make_objective(alpha=0.5, kd_weight=1.0,
                                   shuffle_teacher=True, **EVL)
   assert control.teacher_shift == 1 and matched.teacher_shift == 0
   params = _init(matched, student, teacher)
   roll = lambda x: jnp.roll(x, 1, axis=0)
-  by_hand = matched.distill_terms(
-      params, student, jax.tree.map(roll, teacher),
-      masks=dict(masks, teacher_hidden=roll(masks["teacher_hidden"])))
+  other, other_masks = jax.tree.map(roll, teacher), dict(
+      masks, teacher_hidden=roll(masks["teacher_hidden"]))
+  by_hand = matched.distill_terms(params, student, other, masks=other_masks)
   got = control.distill_terms(params, student, teacher, masks=masks)
   for name, value in by_hand.items():
     assert float(got[name]) == pytest.approx(float(value), rel=1e-5), name
-  unrolled_masks = matched.distill_terms(
-      params, student, jax.tree.map(roll, teacher), masks=masks)
+  unrolled_masks = matched.distill_terms(params, student, other, masks=masks)
   assert abs(float(unrolled_masks["mhca"]) - float(got["mhca"])) > 1e-4
   # What the diagnostics inspect is what the control's loss reads.
   plans = control.inspect(params, student, teacher, masks)["ot_plans"]
-  want = matched.inspect(params, student, jax.tree.map(roll, teacher),
-                         dict(masks, teacher_hidden=roll(
-                             masks["teacher_hidden"])))["ot_plans"]
+  want = matched.inspect(params, student, other, other_masks)["ot_plans"]
   np.testing.assert_allclose(plans, want, rtol=1e-5, atol=1e-7)
