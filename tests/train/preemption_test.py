@@ -95,18 +95,26 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(whole, tfds_dir,
 
 
 def test_sigkill_at_a_random_step_resumes_exactly(whole, tfds_dir, tmp_path):
-  """Checkpoints every 7 steps (async); killed at a random step, possibly
-  mid-save. The rerun restores the last finished checkpoint (never a
+  """Checkpoints every 7 steps (async); killed at a random step after the
+  first save has finished, possibly in the middle of a later one. The rerun restores the last finished checkpoint (never a
   partial one) and replays the lost steps with the same data and RNG."""
   cut = str(tmp_path / "cut")
   kill_at = random.randrange(9, STEPS - 5)
   proc = _start(cut, tfds_dir, ckpt_every=7)
   _wait_for_step(proc, cut, kill_at)
+  # The first save (step 7) is async: on a slow machine it may still be in
+  # flight at step 9. Wait for it, so that the rerun resumes from a
+  # checkpoint; a later save may still be cut mid-way.
+  deadline = time.time() + 300
+  while checkpoint.latest_step(cut) is None and time.time() < deadline:
+    assert proc.poll() is None, _output(proc)[-3000:]
+    time.sleep(0.05)
   proc.kill()
   proc.wait(timeout=60)
   assert proc.returncode == -signal.SIGKILL, f"killed at step {kill_at}"
   saved = checkpoint.latest_step(cut)
   assert saved is not None and saved % 7 == 0, (kill_at, saved)
+  assert saved <= max(_logged_steps(cut)), (kill_at, saved)
 
   _finish(_start(cut, tfds_dir, ckpt_every=7))
   assert checkpoint.latest_step(cut) == STEPS
