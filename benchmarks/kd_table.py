@@ -58,6 +58,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import kd_report  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import default  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from evl_ecg_jax import console  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from evl_ecg_jax import config as config_lib  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from evl_ecg_jax.eval import stats  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from evl_ecg_jax.train import loop  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
@@ -168,9 +169,11 @@ def _fit(config, workdir, cache_dir):
   jax.clear_caches()
 
 
-def _exit_with_parent(parent):
+def _init_worker(parent):
   """A worker stops as soon as the table's process is gone (killed or
-  failed), instead of finishing its run in a workdir a rerun will use."""
+  failed), instead of finishing its run in a workdir a rerun will use;
+  its console is as quiet as the parent's."""
+  console.demote_benign_warnings()
   def watch():
     while os.getppid() == parent:
       time.sleep(1.0)
@@ -189,7 +192,7 @@ def _pool():
   try:
     return futures.ProcessPoolExecutor(
         _WORKERS.value, mp_context=multiprocessing.get_context("spawn"),
-        initializer=_exit_with_parent, initargs=(os.getpid(),))
+        initializer=_init_worker, initargs=(os.getpid(),))
   finally:
     os.environ["XLA_FLAGS"] = env
 
@@ -363,6 +366,7 @@ def main(argv):
   del argv
   if not _MANUAL_DIR.value:
     raise app.UsageError("--manual_dir (or $PTBXL_DIR) must point at PTB-XL.")
+  console.quiet(_OUT.value)
   # Hundreds of runs compile the same few steps: keep the executables
   # (_fit points every process at one persistent cache).
   _POOL[0] = _pool()

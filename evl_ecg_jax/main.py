@@ -49,6 +49,8 @@ def parse_flags(argv):
 
 def main(argv):
   del argv
+  from evl_ecg_jax import console  # pylint: disable=g-import-not-at-top
+  console.quiet(_WORKDIR.value)
   if _DISTRIBUTED.value:
     import jax  # pylint: disable=g-import-not-at-top
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from evl_ecg_jax import checkpoint
+from evl_ecg_jax import console
 from evl_ecg_jax import config as config_lib
 from evl_ecg_jax import losses
 from evl_ecg_jax import models
@@ -253,6 +254,9 @@ def fit(config, workdir: str) -> dict:
   results["parallel"] = run.name
   write_json(workdir, "metrics.json", results)
   logging.info("Final metrics: %s", results)
+  console.show(console.metrics_line(
+      f"{workdir}/metrics.json", results,
+      [f"{split}/macro_auc" for split in config.eval.splits]))
   return results
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import tqdm
 
 from evl_ecg_jax import checkpoint
+from evl_ecg_jax import console
 from evl_ecg_jax.log import MetricWriter
 from evl_ecg_jax.train import guards
 from evl_ecg_jax.train import optim
@@ -32,14 +33,18 @@ def _restore_or_init(ckpt, run, init, batches, rng):
   return run.place_state(state)
 
 
-def _validate(validate, diagnose, params, teacher_params, batch, row):
+def _validate(validate, diagnose, params, teacher_params, batch, row, step,
+              best_metric):
   """Validation metrics (returned, and in `row` as eval/*), and the
-  distillation diagnostics on this step's batch (diag/*)."""
+  distillation diagnostics on this step's batch (diag/*); one line on the
+  terminal."""
   val = {k: float(v) for k, v in validate(params).items() if np.isscalar(v)}
   row.update({f"eval/{k}": v for k, v in val.items()})
   if diagnose is not None:
     row.update({f"diag/{k}": v for k, v in diagnose(
         params, teacher_params, batch).items()})
+  if jax.process_index() == 0:
+    console.show(console.metrics_line(f"step {step}", val, [best_metric]))
   return val
 
 
@@ -104,7 +109,8 @@ def train(config, workdir: str, run, *, init: Callable, step_fn: Callable,
         if done % config.eval_every_steps == 0 or (
             done == config.total_steps and config.ckpt.best_metric):
           val = _validate(validate, diagnose, state.params, teacher_params,
-                          model_batch(batch), row)
+                          model_batch(batch), row, done,
+                          config.ckpt.best_metric or "validation/macro_auc")
         if row:
           writer.write(done, row)
         stop = preempted()

@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from evl_ecg_jax import checkpoint
+from evl_ecg_jax import console
 from evl_ecg_jax import config as config_lib
 from evl_ecg_jax import losses
 from evl_ecg_jax.data import pipeline
@@ -223,6 +224,9 @@ def fit(config, workdir: str) -> dict:
                      params["model"]))))
   loop.write_json(workdir, "metrics.json", results)
   logging.info("Final metrics: %s", results)
+  console.show(console.metrics_line(
+      f"{workdir}/metrics.json", results,
+      [f"{split}/soft/macro_auc" for split in config.eval.splits]))
   return results
 
 

@@ -21,7 +21,7 @@ from evl_ecg_jax import checkpoint
 STEPS = 60
 
 
-def _start(workdir, tfds_dir, ckpt_every=STEPS):
+def _start(workdir, tfds_dir, ckpt_every=STEPS, extra=()):
   """The run in its own process; its output goes to <workdir>.log (a pipe
   nobody reads while the test polls would fill and stall the run)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",
@@ -33,7 +33,8 @@ def _start(workdir, tfds_dir, ckpt_every=STEPS):
          f"--config.data.data_dir={tfds_dir}", f"--workdir={workdir}",
          f"--config.total_steps={STEPS}",
          f"--config.ckpt_every_steps={ckpt_every}",
-         f"--config.eval_every_steps={STEPS}", "--config.log_every_steps=1"],
+         f"--config.eval_every_steps={STEPS}", "--config.log_every_steps=1",
+         *extra],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
   proc.log_path = log.name
   return proc
@@ -83,10 +84,17 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(whole, tfds_dir,
   out = _finish(proc)
   saved = checkpoint.latest_step(cut)
   assert saved is not None and 5 <= saved < STEPS, out[-2000:]
-  assert "Preemption notice" in out
+  assert "Preemption notice" in out  # a warning reaches the terminal
   assert not os.path.exists(os.path.join(cut, "metrics.json"))  # unfinished
+  # Library INFO logs go to the workdir's log file, not the terminal.
+  with open(os.path.join(cut, "log.txt")) as f:
+    assert "CheckpointManager created" in f.read()
+  assert "CheckpointManager created" not in out
 
-  _finish(_start(cut, tfds_dir))  # the same command resumes
+  # The same command resumes; absl's flag brings the INFO logs back.
+  again = _finish(_start(cut, tfds_dir, extra=["--alsologtostderr"]))
+  assert f"Resumed from step {saved}" in again
+  assert f"step {STEPS}: validation/macro_auc" in again
   assert checkpoint.latest_step(cut) == STEPS
   jax.tree.map(np.testing.assert_array_equal, checkpoint.load_params(cut),
                checkpoint.load_params(whole))
