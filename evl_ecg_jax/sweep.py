@@ -48,9 +48,11 @@ _COLLECT_ONLY = flags.DEFINE_bool("collect_only", False,
 _TPU_NAME = flags.DEFINE_string("tpu_name", "evl-sweep", "Slice name prefix.")
 _ZONE = flags.DEFINE_string("zone", "", "GCP zone (--launch=tpu).")
 _TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x2", "TPU topology.")
-
 COLUMNS = ("validation/macro_auc", "test/macro_auc", "test/macro_f1",
            "num_params")
+_COLUMNS = flags.DEFINE_list(
+    "columns", list(COLUMNS), "metrics.json keys in the table (e.g. "
+    "validation/soft/macro_auc,test/soft/macro_auc for configs/vlm.py).")
 
 
 def load_sweep(spec: str) -> list[dict]:
@@ -92,7 +94,7 @@ def point_config(config: str, point: dict) -> tuple[str, list[str]]:
   return (f"{file}:{variants}" if variants else file), overrides
 
 
-def collect(root: str, points) -> list[dict]:
+def collect(root: str, points, columns=COLUMNS) -> list[dict]:
   """One row per point from its metrics.json (missing: status 'missing')."""
   rows = []
   for point in points:
@@ -101,28 +103,28 @@ def collect(root: str, points) -> list[dict]:
     row = {"point": name, "overrides": point}
     if path.exists():
       metrics = json.loads(path.read_text())
-      row.update(status="done", **{k: metrics.get(k) for k in COLUMNS})
+      row.update(status="done", **{k: metrics.get(k) for k in columns})
     else:
       row["status"] = "missing"
     rows.append(row)
   return rows
 
 
-def markdown(rows) -> str:
+def markdown(rows, columns=COLUMNS) -> str:
   fmt = lambda v: "" if v is None else (f"{v:.4f}" if isinstance(v, float)
                                         else str(v))
-  out = ["| point | status | " + " | ".join(COLUMNS) + " |",
-         "|---" * (len(COLUMNS) + 2) + "|"]
+  out = ["| point | status | " + " | ".join(columns) + " |",
+         "|---" * (len(columns) + 2) + "|"]
   for row in rows:
     out.append(f"| {row['point']} | {row['status']} | " + " | ".join(
-        fmt(row.get(k)) for k in COLUMNS) + " |")
+        fmt(row.get(k)) for k in columns) + " |")
   return "\n".join(out) + "\n"
 
 
-def write_table(root: str, rows) -> None:
+def write_table(root: str, rows, columns=COLUMNS) -> None:
   epath.Path(root).mkdir(parents=True, exist_ok=True)
   (epath.Path(root) / "sweep.json").write_text(json.dumps(rows, indent=2))
-  (epath.Path(root) / "sweep.md").write_text(markdown(rows))
+  (epath.Path(root) / "sweep.md").write_text(markdown(rows, columns))
 
 
 def main(argv):
@@ -151,9 +153,9 @@ def main(argv):
         if not _DRY_RUN.value:
           subprocess.run(command, check=True)
   if _LAUNCH.value == "local" and not _DRY_RUN.value:
-    rows = collect(root, points)
-    write_table(root, rows)
-    print(markdown(rows))
+    rows = collect(root, points, _COLUMNS.value)
+    write_table(root, rows, _COLUMNS.value)
+    print(markdown(rows, _COLUMNS.value))
 
 
 if __name__ == "__main__":

@@ -82,6 +82,12 @@ def test_sweep_points_names_and_run_arguments(tmp_path):
   assert overrides == ["--config.loss.ot_weight=0.1"]
   methods = sweep.load_sweep("configs/sweeps/loss_methods.py:student_leads=I")
   assert methods[0] == {"variants": "loss=ce,student_leads=I"}
+  vlm = sweep.load_sweep("configs/sweeps/vlm_losses.py")
+  control = sweep.load_sweep("configs/sweeps/vlm_losses.py:0.1")
+  assert control[:-1] == vlm and len(vlm) == 4
+  assert control[-1] == {"variants": "loss=evl_shuffled",
+                         "loss.mhca_weight": 0.01, "loss.relation_weight": 0.1,
+                         "loss.ot_weight": 0.1}
   bad = tmp_path / "bad.py"
   bad.write_text("def get_sweep(arg=None):\n  return [{}]\n")
   with pytest.raises(ValueError, match="point 0"):
@@ -123,7 +129,10 @@ def test_sweep_runs_locally_resumes_and_tabulates(tfds_dir, tmp_path):
   assert all(0 <= r["test/macro_auc"] <= 1 for r in rows)
   assert rows[0]["test/macro_auc"] != rows[1]["test/macro_auc"]  # seeds
   assert (root / "sweep.md").read_text().count("| seed-") == 2
-  # A second call skips finished points (prints no run command).
-  again = subprocess.run(cmd, cwd=REPO, env=env, check=True, timeout=600,
+  # A second call skips finished points (prints no run command) and
+  # tabulates the --columns asked for.
+  again = subprocess.run(cmd[:4] + ["--columns=num_params"] + cmd[4:],
+                         cwd=REPO, env=env, check=True, timeout=600,
                          capture_output=True, text=True)
   assert "evl_ecg_jax.main" not in again.stdout
+  assert "| point | status | num_params |" in (root / "sweep.md").read_text()
