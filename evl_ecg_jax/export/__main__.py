@@ -49,6 +49,9 @@ _CALIBRATION = flags.DEFINE_integer(
 _CALIBRATION_METHOD = flags.DEFINE_enum(
     "calibration_method", _D.calibration_method, ["minmax", "percentile"],
     "int8: activation range estimate.")
+_REDUCE_RANGE = flags.DEFINE_bool(
+    "reduce_range", _D.reduce_range,
+    "int8: 7-bit weights, the same integers on every x86 CPU (VNNI or not).")
 _SPLIT = flags.DEFINE_string("split", _D.split, "Parity split.")
 _PARITY_EXAMPLES = flags.DEFINE_integer(
     "parity_examples", _D.parity_examples, "Parity records (0: all).")
@@ -65,7 +68,8 @@ def main(argv):
   options = builder.Options(
       precisions=tuple(_PRECISIONS.value), batch=_BATCH.value,
       checkpoint=_CHECKPOINT.value, calibration_examples=_CALIBRATION.value,
-      calibration_method=_CALIBRATION_METHOD.value, split=_SPLIT.value,
+      calibration_method=_CALIBRATION_METHOD.value,
+      reduce_range=_REDUCE_RANGE.value, split=_SPLIT.value,
       parity_examples=_PARITY_EXAMPLES.value, opset=_OPSET.value,
       data_dir=_DATA_DIR.value, manual_dir=_MANUAL_DIR.value)
   try:

@@ -70,7 +70,8 @@ def int8(model: onnx.ModelProto, calibration: np.ndarray, *,
 
   `batch`: the graph's fixed batch (0: dynamic, calibrated in chunks of 32).
   `method`: "minmax" or "percentile" (99.999th, robust to outliers).
-  `reduce_range`: 7-bit weights, for x86 CPUs without VNNI.
+  `reduce_range`: 7-bit weights: no int16 saturation on x86 CPUs without
+  VNNI, so the result does not depend on the CPU (builder.Options).
   """
   # pylint: disable=g-import-not-at-top
   from onnxruntime import quantization as q
