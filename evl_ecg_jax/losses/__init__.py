@@ -2,8 +2,8 @@
 
 Arrays are batched ([B, N, D] tokens, [B, N] bool masks with True = valid);
 every loss returns a float32 scalar (mean over the batch), computes in
-float32 even for bf16 inputs, and never reads a config. The README's "Loss
-API" section maps each function to its equation.
+float32 even for bf16 inputs, and never reads a config. docs/losses.md
+("Loss API") maps each function to its equation.
 """
 
 # EVL-ECG: Eq. 9, its three feature terms, and the objective (EVL and the

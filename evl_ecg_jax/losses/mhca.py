@@ -6,7 +6,7 @@ student's length and width; L_mhca = mean ‖H_s − Ĥ_t‖².
 Why a guard: W^Q, W^K, W^V, W^O are learned. Trained on L_mhca they need no
 teacher information to drive it to 0: the queries carry H_s, so attention can
 learn to rebuild H_s from teacher values (a "query leak"), or both sides can
-agree on a constant. Measured (README): with normalised features and
+agree on a constant. Measured (docs/losses.md): with normalised features and
 stop-gradient queries, an aligner trained on L_mhca reached L_mhca = 0.001
 (from 1.83) for a student that sees none of the teacher's input.
 

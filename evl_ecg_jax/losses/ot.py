@@ -25,7 +25,7 @@ The gradient of the paper's ⟨P*, C⟩ is ours: ott-jax 0.6's `ImplicitDiff`
 raises "linear solver returned non-finite output" on many inputs and its
 unrolled mode (`implicit_diff=None`, 300 iterations) gave gradients off by
 > 0.1 % on 35 of 40 random problems, median relative error 0.93 (measured,
-see the README). Here the implicit function theorem is applied to
+see docs/losses.md). Here the implicit function theorem is applied to
 Sinkhorn's first-order conditions and the (M+N)-dimensional adjoint system
 is reduced by a Schur complement to a dense min(N, M)-sized symmetric
 system (the constant vector is its known null direction), solved by
