@@ -23,7 +23,6 @@ from evl_ecg_jax.losses.task import sigmoid_bce_loss
 from evl_ecg_jax.losses.task import softmax_ce_loss
 from evl_ecg_jax.losses.task import token_ce_loss
 # Baselines.
-from evl_ecg_jax.losses.hints import attention_transfer_loss
 from evl_ecg_jax.losses.hints import fitnet_loss
 from evl_ecg_jax.losses.hints import HintRegressor
 from evl_ecg_jax.losses.hints import tinybert_loss
@@ -35,7 +34,7 @@ from evl_ecg_jax.losses.relation import rkd_loss
 
 __all__ = [
     "DistillHeads", "HintRegressor", "MHCAAligner", "Objective", "TERMS",
-    "attention_transfer_loss", "dkd_loss", "evl_loss", "fitnet_loss",
+    "dkd_loss", "evl_loss", "fitnet_loss",
     "logit_kd_loss", "make_objective", "mhca_loss",
     "mhca_reconstruction_loss", "ot_loss", "relation_loss", "rkd_loss",
     "sigmoid_bce_loss", "softmax_ce_loss", "softmax_kd_loss", "tinybert_loss",

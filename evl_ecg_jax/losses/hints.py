@@ -1,4 +1,4 @@
-"""Intermediate-feature distillation baselines: FitNets, AT and TinyBERT."""
+"""Intermediate-feature distillation baselines: FitNets and TinyBERT."""
 
 from __future__ import annotations
 
@@ -50,49 +50,6 @@ def fitnet_loss(teacher_hidden, projected_student, *, mask=None):
   """
   mask = None if mask is None else jnp.asarray(mask, bool)[..., None]
   return _mse(teacher_hidden, projected_student, mask, "fitnet_loss")
-
-
-def _attention_map(feats, mask, p):
-  """Q = Σ_c |F_c|^p per token [B, N], zero on masked tokens, ‖Q‖₂ = 1."""
-  a = jnp.abs(feats)
-  if mask is not None:
-    a = jnp.where(jnp.asarray(mask, bool)[..., None], a, 0.0)
-  # Q/‖Q‖ is invariant to rescaling F: dividing by the (constant) max first
-  # keeps |F|^p from overflowing without changing the value or its gradient.
-  scale = jax.lax.stop_gradient(jnp.max(a, axis=(1, 2), keepdims=True))
-  q = jnp.sum((a / jnp.where(scale > 0, scale, 1.0)) ** p, axis=-1)
-  sq = jnp.sum(q * q, axis=-1, keepdims=True)
-  return q * jax.lax.rsqrt(jnp.where(sq > 0, sq, 1.0))
-
-
-def attention_transfer_loss(teacher_feats, student_feats, *, p=2, mask=None):
-  """Activation-based attention transfer (Zagoruyko & Komodakis 2017, Eq. 2).
-
-  Q = vec(Σ_c |F_c|^p), the spatial attention map F^p_sum over channels of
-  each token, and
-    L_AT = mean_b ‖Q_t / ‖Q_t‖₂ − Q_s / ‖Q_s‖₂‖₂²,
-  the squared 2-norm of the difference. (Eq. 2 writes the plain p-norm with
-  a β/2 weight; the authors' code squares it and averages over positions,
-  i.e. this value / N; β is left to the caller.) Widths may differ;
-  invariant to rescaling either feature map.
-
-  Args:
-    teacher_feats: [B, N, Dt].
-    student_feats: [B, N, Ds].
-    p: exponent of F^p_sum (2 in the paper).
-    mask: optional [B, N] bool, True = valid token (masked tokens are left
-      out of Q and of its norm).
-
-  Returns:
-    Scalar float32 in [0, 2]: mean over the batch.
-  """
-  t, s = _ops.f32(teacher_feats, student_feats)
-  if t.shape[:2] != s.shape[:2]:
-    raise ValueError(f"attention_transfer_loss: teacher {t.shape} and student "
-                     f"{s.shape} need the same batch and token count; "
-                     "resample one feature map to the other's length first.")
-  diff = _attention_map(t, mask, p) - _attention_map(s, mask, p)
-  return jnp.mean(jnp.sum(diff * diff, axis=-1))
 
 
 def tinybert_loss(teacher_hiddens, student_hiddens, teacher_attn=None,

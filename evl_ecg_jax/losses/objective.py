@@ -218,10 +218,13 @@ class Objective:
                                **self.ot_kwargs)
     if "fitnet" in w:
       terms["fitnet"] = hint_loss(h_t, head["fitnet"])
-    if "tinybert" in w:
-      terms["tinybert"] = sum(
-          hint_loss(t_feats[t_tap], head[f"tinybert{i}"]) for i, (_, t_tap)
-          in enumerate(self.heads.tinybert_layer_map))
+    if "tinybert" in w:  # each pair: FitNet on its own regressor's output
+      projected = [head[f"tinybert{i}"]
+                   for i in range(len(self.heads.tinybert_layer_map))]
+      terms["tinybert"] = hints.tinybert_loss(
+          [_ops.pool_tokens(t_feats[t_tap], p.shape[1]) for (_, t_tap), p
+           in zip(self.heads.tinybert_layer_map, projected)], projected,
+          layer_map=[(i, i) for i in range(len(projected))])
     if "rkd" in w:
       terms["rkd"] = relation.rkd_loss(t_feats[tap["teacher_embed"]],
                                        s_feats[tap["student_embed"]])

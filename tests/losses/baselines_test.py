@@ -258,8 +258,6 @@ CASES = {
             (2, L, C), (2, L, VS), (2, L)),
     "fitnet": (lambda t, s, m: hints.fitnet_loss(t, s, mask=m),
                (2, L, C), (2, L, C), (2, L)),
-    "attention_transfer": (lambda t, s, m: hints.attention_transfer_loss(
-        t, s, mask=m), (2, L, C), (2, L, 4), (2, L)),
     "tinybert": (_tinybert, (2, L, C), (2, L, 4), (2, L)),
     "rkd": (lambda t, s, m: relation.rkd_loss(t, s), (B, C), (B, 4), None),
 }

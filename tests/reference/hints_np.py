@@ -18,23 +18,6 @@ def mse_np(teacher, student, mask=None):
   return float(np.mean(sq))
 
 
-def attention_transfer_np(teacher, student, p=2, mask=None):
-  """Zagoruyko & Komodakis 2017: mean_b ‖Q_t/‖Q_t‖ − Q_s/‖Q_s‖‖².
-
-  Q = Σ_c |F_c|^p per token (valid tokens only).
-  """
-  out = []
-  for b in range(teacher.shape[0]):
-    tokens = _valid(mask, b, teacher.shape[1])
-
-    def unit_map(f):
-      q = np.array([sum(abs(c) ** p for c in f[b, i]) for i in tokens])
-      return q / np.sqrt(sum(v * v for v in q))
-
-    out.append(np.sum((unit_map(teacher) - unit_map(student)) ** 2))
-  return float(np.mean(out))
-
-
 def tinybert_np(teacher_hiddens, student_hiddens, teacher_attn, student_attn,
                 layer_map, w=None, mask=None):
   """Jiao et al. 2020: Σ_layers MSE(H_s W, H_t) + (1/h) Σ_h MSE(A_s, A_t)."""
