@@ -181,6 +181,9 @@ def fit(config, workdir: str) -> dict:
   run, workdir = loop.prepare(config, workdir, model_names=())
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   descriptions = text_lib.describe_classes(config.data.class_names)
+  if config.data.tfds_name.startswith("ptbxl") and config.data.manual_dir:
+    descriptions = text_lib.ptbxl_descriptions(config.data.manual_dir,
+                                               config.data.class_names)
   toks = tokenizers(config, workdir, descriptions)
   distill = loop.uses_teacher(config)
   trained = loop.trained_block(config)

@@ -104,10 +104,10 @@ def describe_classes(class_names: Sequence[str],
   return _disambiguate(out)
 
 
-def ptbxl_descriptions(root: str, label_set: str) -> dict[str, str]:
-  """Descriptions of the classes of a PTB-XL label set, from `root`."""
-  statements = ptbxl.read_statements(root)
-  return describe_classes(ptbxl.class_names(statements, label_set), statements)
+def ptbxl_descriptions(root: str, class_names: Sequence[str]
+                       ) -> dict[str, str]:
+  """describe_classes of PTB-XL classes, with `root`'s scp_statements.csv."""
+  return describe_classes(class_names, ptbxl.read_statements(root))
 
 
 def _present(labels, class_names: Sequence[str]) -> np.ndarray:

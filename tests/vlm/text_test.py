@@ -227,17 +227,22 @@ def _csv_descriptions(root):
     return {row[""]: row["description"] for row in csv.DictReader(f)}
 
 
+def _label_set(root, label_set):
+  return text.ptbxl_descriptions(root, ptbxl.class_names(
+      ptbxl.read_statements(root), label_set))
+
+
 def test_ptbxl_descriptions_come_from_scp_statements():
   root = _ptbxl_root()
   csv_desc = _csv_descriptions(root)
-  got = text.ptbxl_descriptions(root, "superdiagnostic")
+  got = _label_set(root, "superdiagnostic")
   assert got == text.describe_classes(ptbxl.SUPERCLASSES)
-  diagnostic = text.ptbxl_descriptions(root, "diagnostic")
+  diagnostic = _label_set(root, "diagnostic")
   assert diagnostic["IMI"] == "inferior myocardial infarction"
   for code, description in diagnostic.items():
     if code not in text.SUPERCLASS_DESCRIPTIONS:
       assert description == " ".join(csv_desc[code].split())
-  sub = text.ptbxl_descriptions(root, "subdiagnostic")
+  sub = _label_set(root, "subdiagnostic")
   assert sub["LAFB/LPFB"] == ("left anterior fascicular block or left "
                               "posterior fascicular block")
 
@@ -245,7 +250,7 @@ def test_ptbxl_descriptions_come_from_scp_statements():
 @pytest.mark.parametrize("label_set", ptbxl.LABEL_SETS)
 def test_ptbxl_label_sets_give_distinct_descriptions_and_right_qa(label_set):
   root = _ptbxl_root()
-  descriptions = text.ptbxl_descriptions(root, label_set)
+  descriptions = _label_set(root, label_set)
   names = tuple(descriptions)
   assert all(descriptions.values())
   assert len(set(descriptions.values())) == len(names)

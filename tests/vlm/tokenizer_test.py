@@ -70,7 +70,8 @@ def test_round_trip_on_the_ptbxl_corpus(kind, size):
     pytest.skip(f"../shared/data/ptbxl not found: no {ptbxl.STATEMENTS} in "
                 f"{os.path.abspath(PTBXL)} (set EVL_ECG_DATA to the folder "
                 "holding ptbxl/).")
-  descriptions = text.ptbxl_descriptions(PTBXL, "all")
+  descriptions = text.ptbxl_descriptions(PTBXL, ptbxl.class_names(
+      ptbxl.read_statements(PTBXL), "all"))
   texts = list(text.corpus(tuple(descriptions), descriptions))
   tok = tok_lib.Tokenizer.train(texts, kind, size)
   assert tok.vocab_size <= size
