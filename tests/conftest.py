@@ -6,6 +6,18 @@ os.environ["XLA_FLAGS"] = " ".join(filter(None, [
     os.environ.get("XLA_FLAGS", ""),
     "--xla_force_host_platform_device_count=8"]))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the session, shared with the
+# subprocesses tests start (the environment is inherited): many tests
+# compile the same programs (a runlocal step, evaluation, a restarted run).
+# It starts empty and is removed at exit, so nothing carries over between
+# sessions; EVL_TEST_JAX_CACHE=0 turns it off.
+if os.environ.get("EVL_TEST_JAX_CACHE", "1") != "0":
+  import atexit  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  _CACHE = tempfile.mkdtemp(prefix="evl-ecg-jax-test-cache-")
+  atexit.register(lambda: __import__("shutil").rmtree(_CACHE, True))
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
 
 import csv  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import shutil  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
