@@ -2,14 +2,17 @@
 #   make demo   install + train teacher, student (CE), student (KD) on the
 #               embedded synthetic ECGs and print the metrics table
 #   make test   install with [dev] extras + run the default test suite
-# `make test-slow` runs the checks behind the `slow` marker.
+# `make test-slow` runs the checks behind the `slow` marker; `make test-avx2`
+# runs the default suite as a CPU without AVX-512 would (XLA:CPU's
+# --xla_cpu_max_isa; onnxruntime has no runtime switch, its int8 export
+# uses 7-bit weights so that its integer path is the same on every x86 CPU).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # make demo VARIANTS=model=xresnet1d: config variants for every demo run.
 VARIANTS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow clean
+.PHONY: demo test test-slow test-avx2 clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -28,6 +31,9 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-avx2: $(VENV)/.installed-dev
+	XLA_FLAGS="$(XLA_FLAGS) --xla_cpu_max_isa=AVX2" $(PY) -m pytest $(PYTEST_ARGS)
 
 # The slow checks include the TPU ahead-of-time compile: [tpu] adds libtpu.
 $(VENV)/.installed-tpu: setup.py | $(PY)
