@@ -45,6 +45,28 @@ def demote_benign_warnings() -> None:
     logger.addFilter(_Demote())
 
 
+class _LazyFile:
+  """A log file created on its first write: a run that stops before
+  logging anything (e.g. a config error) leaves no workdir behind."""
+
+  def __init__(self, path: str):
+    self.name, self._file = path, None
+
+  def write(self, text: str) -> None:
+    if self._file is None:
+      os.makedirs(os.path.dirname(self.name) or ".", exist_ok=True)
+      self._file = open(self.name, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+    self._file.write(text)
+
+  def flush(self) -> None:
+    if self._file is not None:
+      self._file.flush()
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+
+
 def quiet(workdir: str) -> str | None:
   """Sends absl / Python logging to <workdir>/log.txt (appended) and keeps
   records at or above --stderrthreshold (WARNING unless given on the
@@ -53,14 +75,13 @@ def quiet(workdir: str) -> str | None:
   demote_benign_warnings()
   if not flags.FLAGS.is_parsed() or flags.FLAGS.logtostderr:
     return None
-  os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, LOG_NAME)
   handler = logging.get_absl_handler().python_handler
   if getattr(handler.stream, "name", None) == path:
     return path
   if flags.FLAGS["stderrthreshold"].using_default_value:
     flags.FLAGS.stderrthreshold = "warning"
-  handler.stream = open(path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+  handler.stream = _LazyFile(path)
   # Libraries that log through the standard logging module without absl's
   # handler (absl's is on the root logger once app.run has started).
   root = std_logging.getLogger()

@@ -68,8 +68,7 @@ def main(argv):
   except guards.Preempted as e:
     logging.warning("Preempted after step %s; checkpoint saved.", e)
     sys.exit(0)
-  except config_lib.ConfigError as e:
-    logging.error("%s", e)
+  except config_lib.ConfigError as e:  # on stderr, before anything is written
     sys.exit(f"Config error: {e}")
 
 
