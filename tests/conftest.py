@@ -33,6 +33,14 @@ DATA = os.environ.get("EVL_ECG_DATA",
                       os.path.join(os.path.dirname(REPO), "shared", "data"))
 
 
+def family_params(families, default=("cnn1d", "vit1d")):
+  """Parametrisation over model families: the demo's student and teacher
+  (`default`) in the default suite, the others under `slow` (`make
+  test-slow` runs every family; the suite keeps to a modest machine)."""
+  return [f if f in default else pytest.param(f, marks=pytest.mark.slow)
+          for f in families]
+
+
 def write_ptbxl_db(root, rows, fields):
   """Writes rows as `root`/ptbxl_database.csv."""
   with open(root / "ptbxl_database.csv", "w", newline="") as f:

@@ -84,10 +84,11 @@ def _check_diagnostics(metrics, terms):
     assert 0.0 <= metrics["diag/ot/diagonal_mass"] <= 1.0
 
 
-# The ablations and most baselines run under `make test-slow`: switching a
-# term off and each baseline's loss are unit-tested in tests/losses (and
-# TinyBERT, logit KD + hidden states, trains here), and the default suite
-# keeps to ~15 min on 2 cores.
+# The ablations, the baselines, the heterogeneous students and the teacher
+# cache run under `make test-slow`: switching a term off and each
+# baseline's loss are unit-tested in tests/losses, EVL and KD train here,
+# a lead-I EVL student trains in tests/train/transfer_test.py, and the
+# default suite keeps to a modest machine (issue 21).
 _SLOW = pytest.mark.slow
 
 
@@ -124,9 +125,10 @@ def test_distill_evl_and_ablations(teacher_dir, tfds_dir, tmp_path, variant,
     # relation on intermediate layers and the teacher frozen in bfloat16.
     # (XResNet1D itself trains in tests/models; its distillation run is slow.)
     pytest.param("model=xresnet1d", {}, marks=_SLOW),
-    ("student_leads=I", {"loss.student_hidden_tap": "stage2",
-                         "loss.teacher_hidden_tap": "block1",
-                         "teacher.frozen_param_dtype": "bfloat16"}),
+    pytest.param("student_leads=I", {"loss.student_hidden_tap": "stage2",
+                                      "loss.teacher_hidden_tap": "block1",
+                                      "teacher.frozen_param_dtype": "bfloat16"},
+                 marks=_SLOW),
 ])
 def test_heterogeneous_students_distil(teacher_dir, tfds_dir, tmp_path,
                                        variant, overrides):
@@ -148,7 +150,8 @@ def test_heterogeneous_students_distil(teacher_dir, tfds_dir, tmp_path,
 
 @pytest.mark.parametrize("variant,terms,heads", [
     pytest.param("fitnet", {"fitnet"}, {"fitnet"}, marks=_SLOW),
-    ("tinybert", {"kd", "tinybert"}, {"tinybert0", "tinybert1", "tinybert2"}),
+    pytest.param("tinybert", {"kd", "tinybert"},
+                 {"tinybert0", "tinybert1", "tinybert2"}, marks=_SLOW),
     pytest.param("rkd", {"rkd"}, None, marks=_SLOW),
     pytest.param("dkd", {"dkd"}, None, marks=_SLOW),
     pytest.param("uld", {"uld"}, None, marks=_SLOW)])
@@ -170,6 +173,7 @@ def test_baselines_train_through_the_same_step(teacher_dir, tfds_dir, tmp_path,
   assert (set(params.get("heads", {})) or None) == heads
 
 
+@_SLOW  # the cache serves benchmarks/kd_table.py
 def test_cached_teacher_gives_the_online_result(teacher_dir, tfds_dir,
                                                 tmp_path):
   """A feature loss (FitNet on the teacher's tokens) with the teacher's

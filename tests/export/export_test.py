@@ -22,6 +22,7 @@ from sklearn.metrics import roc_auc_score
 
 from configs import default
 from conftest import REPO
+from conftest import family_params
 from evl_ecg_jax import checkpoint
 from evl_ecg_jax import models
 from evl_ecg_jax.data import pipeline
@@ -202,7 +203,8 @@ def test_fixed_batch_export(student_dir, tmp_path, test_split, jax_probs):
     sess.run(None, {"ecg": test_split[0][:3]})
 
 
-@pytest.mark.parametrize("family", ["xresnet1d", "convnext1d", "vit1d"])
+@pytest.mark.parametrize(
+    "family", family_params(["xresnet1d", "convnext1d", "vit1d"]))
 def test_every_model_family_converts(family):
   model = models.get(default.get_config(f"model={family}").student, 5)
   x = np.random.default_rng(0).normal(size=(3, 1000, 12)).astype(np.float32)

@@ -253,6 +253,7 @@ def _train_mhca(related, guarded, steps=400):
   return first, final
 
 
+@pytest.mark.slow  # trains a student against the guard
 def test_unrelated_student_cannot_collapse_the_guarded_mhca_loss():
   first, unrelated = _train_mhca(related=False, guarded=True)
   _, related = _train_mhca(related=True, guarded=True)

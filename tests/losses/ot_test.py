@@ -41,7 +41,8 @@ def _pot_loss(t, s, eps, t_mask=None, s_mask=None, exact=False):
   return float(np.mean(values))
 
 
-@pytest.mark.parametrize("eps", [0.1, 0.3, 1.0])
+@pytest.mark.parametrize(
+    "eps", [pytest.param(0.1, marks=pytest.mark.slow), 0.3, 1.0])
 def test_matches_pot_sinkhorn_plan_cost(eps):
   t, s = _clouds(0)
   with jax.enable_x64(True):
@@ -178,6 +179,7 @@ def test_permutation_invariance():
   np.testing.assert_allclose(gp_s, g_s[:, perm_s], rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.slow  # 10^5 float64 iterations at ε = 0.1
 def test_identical_clouds_give_the_entropic_floor_and_shifts_add_shift2():
   t, _ = _clouds(5, b=1, n=8)
   shift = np.array([0.3, -1.2, 0.5])

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import family_params
 from configs import default
 from evl_ecg_jax import models
 from evl_ecg_jax.models import layers
@@ -25,7 +26,7 @@ def _ecg(batch=2, samples=1000, seed=0):
       size=(batch, samples, 12)), jnp.float32)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", family_params(FAMILIES))
 def test_tiny_forward_backward(family):
   """Finite logits, and every parameter tensor gets a finite gradient that is
   non-zero after one SGD step (zero-initialised norms start some at 0)."""
@@ -105,7 +106,7 @@ def test_vit_tokens_see_their_own_patch_and_padding():
     np.testing.assert_array_equal(changed, [(groups - 1) * steps + 999 // patch])
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", family_params(FAMILIES))
 def test_taps_return_what_was_asked(family):
   model = _tiny(family)
   x = _ecg()
@@ -170,7 +171,7 @@ def test_lead_specs():
         jax.random.PRNGKey(0), _ecg(1))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", family_params(FAMILIES))
 def test_bf16_compute_keeps_f32_params_and_logits(family):
   model = _tiny(family, dtype="bfloat16")
   x = _ecg(2, 200)

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import family_params
 from configs import default
 from evl_ecg_jax import models
 from evl_ecg_jax import parallel
@@ -44,7 +45,7 @@ def test_rules_resolve_to_valid_partition_specs(family, mesh):
   assert sharded >= len(jax.tree.leaves(shapes)) // 4
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", family_params(FAMILIES))
 def test_sharded_forward_equals_unsharded(family, mesh):
   model, rules = _model(family)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 1000, 12)),

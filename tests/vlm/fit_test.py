@@ -86,7 +86,8 @@ def _models(toks):
   return t, s
 
 
-@pytest.mark.parametrize("variant", ["paper", "evl_uld"])
+@pytest.mark.parametrize(
+    "variant", [pytest.param("paper", marks=pytest.mark.slow), "evl_uld"])
 def test_cross_tokenizer_evl_loss_is_finite_with_gradients(toks, variant):
   teacher, student = _models(toks)
   batch = {k: jnp.asarray(v) for k, v in _batch(toks).items() if k != "id"}
