@@ -116,9 +116,12 @@ def linear_cka(x, y):
 
 def _feature_pairs(student_out, teacher_out, objective):
   """{name: (student [n, p], teacher [n, q], rows per record)} across the
-  batch: logits, pooled features and time-aligned tokens."""
+  batch: class logits, pooled features and time-aligned tokens. Token
+  logits over two vocabularies (the VLM) are not paired."""
   (s_logits, s_feats), (t_logits, t_feats) = student_out, teacher_out
-  pairs = {"logits": (s_logits, t_logits, 1)}
+  pairs = {}
+  if s_logits.ndim == 2 and t_logits.ndim == 2:
+    pairs["logits"] = (s_logits, t_logits, 1)
   for kind in ("hidden", "embed"):
     s, t = (s_feats.get(objective.taps[f"student_{kind}"]),
             t_feats.get(objective.taps[f"teacher_{kind}"]))

@@ -185,7 +185,8 @@ def test_vlm_configs_check_before_compiling():
     vlm_config.get_config("size=3b")
 
 
-@pytest.mark.slow  # ~70 s: two trainings, generation, evaluation.
+# ~45 s: two trainings, generation, evaluation; the only default test of
+# the VLM distillation run with its diagnostics.
 def test_pipeline_trains_teacher_then_student_and_reports(tfds_dir,
                                                           tmp_path):
   """The documented command (runlocal): teacher, then student, both
@@ -210,6 +211,11 @@ def test_pipeline_trains_teacher_then_student_and_reports(tfds_dir,
     rows = [json.loads(line) for line in f]
   terms = {k for row in rows for k in row}
   assert {"train/ce", "train/mhca", "train/relation", "train/ot"} <= terms
+  # The distillation diagnostics run on the VLM too (token logits over two
+  # vocabularies are not compared; hidden states and OT tokens are).
+  assert {"diag/grad_share/relation", "diag/teacher_grad_cos/ot",
+          "diag/cka/hidden"} <= set(saved)
+  assert "diag/cka/logits" not in saved
 
 
 def test_vision_pretraining_learns_and_seeds_the_vlm(toks):
