@@ -19,6 +19,10 @@ PY=${PYTHON:-python}
 CFG="configs/default.py"
 V=${VARIANTS:+,${VARIANTS}}
 DATA=(--config.data.data_dir="${WORKDIR}/tfds")
+# The five runs compile many of the same programs (the student's evaluation,
+# the teacher's forward): one persistent XLA cache for all of them.
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-${WORKDIR}/jax_cache}
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0.2}
 
 
 "$PY" -m evl_ecg_jax.main --config="${CFG}:mode=train_teacher${V}" \
