@@ -15,6 +15,7 @@ import sys
 
 from absl import flags
 from absl import logging
+import jax
 import tqdm
 
 LOG_NAME = "log.txt"
@@ -67,18 +68,18 @@ class _LazyFile:
       self._file.close()
 
 
-def quiet(workdir: str) -> str | None:
+def quiet(workdir: str) -> None:
   """Sends absl / Python logging to <workdir>/log.txt (appended) and keeps
   records at or above --stderrthreshold (WARNING unless given on the
-  command line) on stderr. Returns the log file's path; None (nothing
-  changed) with --logtostderr or when flags are not parsed (under tests)."""
+  command line) on stderr. Changes nothing with --logtostderr or when
+  flags are not parsed (under tests)."""
   demote_benign_warnings()
   if not flags.FLAGS.is_parsed() or flags.FLAGS.logtostderr:
-    return None
+    return
   path = os.path.join(workdir, LOG_NAME)
   handler = logging.get_absl_handler().python_handler
   if getattr(handler.stream, "name", None) == path:
-    return path
+    return
   if flags.FLAGS["stderrthreshold"].using_default_value:
     flags.FLAGS.stderrthreshold = "warning"
   handler.stream = _LazyFile(path)
@@ -87,19 +88,18 @@ def quiet(workdir: str) -> str | None:
   root = std_logging.getLogger()
   if logging.get_absl_handler() not in root.handlers:
     root.addHandler(logging.get_absl_handler())
-  return path
 
 
 def show(message: str) -> None:
-  """One line on the terminal (above any progress bar) and in the log."""
-  tqdm.tqdm.write(message, file=sys.stdout)
+  """One line on the terminal (above any progress bar; process 0 only on
+  multi-host runs) and in every process's log."""
+  if jax.process_index() == 0:
+    tqdm.tqdm.write(message, file=sys.stdout)
   logging.info("%s", message)
 
 
-def metrics_line(prefix: str, metrics: dict, keys=None) -> str:
-  """"prefix: k1 0.8712 · k2 0.5000" for the scalar `keys` present (all
-  scalars when None)."""
-  keys = keys if keys is not None else sorted(metrics)
+def metrics_line(prefix: str, metrics: dict, keys) -> str:
+  """"prefix: k1 0.8712 · k2 0.5000" for the scalar `keys` present."""
   parts = [f"{k} {metrics[k]:.4f}" for k in keys
            if isinstance(metrics.get(k), (int, float))]
   return f"{prefix}: " + " · ".join(parts)

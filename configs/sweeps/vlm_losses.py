@@ -13,8 +13,11 @@ each of SCALES. `arg`: the scale chosen on validation (validation soft
 AUC of the first run); adds the shuffled-teacher control at that scale.
 """
 
+from configs import vlm
+
 SCALES = (1.0, 0.1)
-_EVL = {"mhca_weight": 0.1, "relation_weight": 1.0, "ot_weight": 1.0}
+_EVL = {k: vlm.get_config("loss=evl").loss[k]
+        for k in ("mhca_weight", "relation_weight", "ot_weight")}
 
 
 def _evl(variant, scale):

@@ -170,6 +170,15 @@ def write_json(workdir, name, payload):
     (epath.Path(workdir) / name).write_text(json.dumps(payload, indent=2))
 
 
+def write_metrics(workdir, results, shown):
+  """Writes <workdir>/metrics.json, logs it, and shows the `shown` keys
+  on the terminal (the signal and VLM fits end the same way)."""
+  write_json(workdir, "metrics.json", results)
+  logging.info("Final metrics: %s", results)
+  console.show(console.metrics_line(f"{workdir}/metrics.json", results,
+                                    shown))
+
+
 def resolve_workdir(workdir: str) -> str:
   """An absolute local path, or a URL (gs://...) unchanged."""
   if "://" in workdir:
@@ -252,11 +261,8 @@ def fit(config, workdir: str) -> dict:
   results["num_params"] = int(sum(x.size for x in jax.tree.leaves(
       params["model"])))
   results["parallel"] = run.name
-  write_json(workdir, "metrics.json", results)
-  logging.info("Final metrics: %s", results)
-  console.show(console.metrics_line(
-      f"{workdir}/metrics.json", results,
-      [f"{split}/macro_auc" for split in config.eval.splits]))
+  write_metrics(workdir, results,
+                [f"{split}/macro_auc" for split in config.eval.splits])
   return results
 
 

@@ -43,8 +43,7 @@ def _validate(validate, diagnose, params, teacher_params, batch, row, step,
   if diagnose is not None:
     row.update({f"diag/{k}": v for k, v in diagnose(
         params, teacher_params, batch).items()})
-  if jax.process_index() == 0:
-    console.show(console.metrics_line(f"step {step}", val, [best_metric]))
+  console.show(console.metrics_line(f"step {step}", val, [best_metric]))
   return val
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import os
 
-from absl import logging
 from etils import epath
 import jax
 import jax.numpy as jnp
@@ -20,7 +19,6 @@ import ml_collections
 import numpy as np
 
 from evl_ecg_jax import checkpoint
-from evl_ecg_jax import console
 from evl_ecg_jax import config as config_lib
 from evl_ecg_jax import losses
 from evl_ecg_jax.data import pipeline
@@ -180,10 +178,11 @@ def fit(config, workdir: str) -> dict:
   check(config)
   run, workdir = loop.prepare(config, workdir, model_names=())
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  descriptions = text_lib.describe_classes(config.data.class_names)
   if config.data.tfds_name.startswith("ptbxl") and config.data.manual_dir:
     descriptions = text_lib.ptbxl_descriptions(config.data.manual_dir,
                                                config.data.class_names)
+  else:
+    descriptions = text_lib.describe_classes(config.data.class_names)
   toks = tokenizers(config, workdir, descriptions)
   distill = loop.uses_teacher(config)
   trained = loop.trained_block(config)
@@ -225,11 +224,9 @@ def fit(config, workdir: str) -> dict:
   results.update(model=config[trained].preset, parallel=run.name,
                  num_params=int(sum(x.size for x in jax.tree.leaves(
                      params["model"]))))
-  loop.write_json(workdir, "metrics.json", results)
-  logging.info("Final metrics: %s", results)
-  console.show(console.metrics_line(
-      f"{workdir}/metrics.json", results,
-      [f"{split}/soft/macro_auc" for split in config.eval.splits]))
+  loop.write_metrics(
+      workdir, results,
+      [f"{split}/soft/macro_auc" for split in config.eval.splits])
   return results
 
 

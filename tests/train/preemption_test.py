@@ -104,8 +104,9 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(whole, tfds_dir,
 
 def test_sigkill_at_a_random_step_resumes_exactly(whole, tfds_dir, tmp_path):
   """Checkpoints every 7 steps (async); killed at a random step after the
-  first save has finished, possibly in the middle of a later one. The rerun restores the last finished checkpoint (never a
-  partial one) and replays the lost steps with the same data and RNG."""
+  first save has finished, possibly in the middle of a later one. The rerun
+  restores the last finished checkpoint (never a partial one) and replays
+  the lost steps with the same data and RNG."""
   cut = str(tmp_path / "cut")
   kill_at = random.randrange(9, STEPS - 5)
   proc = _start(cut, tfds_dir, ckpt_every=7)
