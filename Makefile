@@ -11,6 +11,11 @@ PY := $(VENV)/bin/python
 # make demo VARIANTS=model=xresnet1d: config variants for every demo run.
 VARIANTS ?=
 PYTEST_ARGS ?=
+# pytest-xdist workers, a test file each (module fixtures stay on one
+# worker; files in the order tests/conftest.py sets, longest first);
+# WORKERS=0 runs in this process.
+WORKERS ?= 2
+PYTEST := $(PY) -m pytest -n $(WORKERS) --dist loadfile --no-loadscope-reorder
 
 .PHONY: demo test test-slow test-avx2 clean
 
@@ -30,10 +35,10 @@ demo: $(VENV)/.installed
 	PYTHON=$(PY) VARIANTS="$(VARIANTS)" launch/demo.sh $(WORKDIR)
 
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 
 test-avx2: $(VENV)/.installed-dev
-	XLA_FLAGS="$(XLA_FLAGS) --xla_cpu_max_isa=AVX2" $(PY) -m pytest $(PYTEST_ARGS)
+	XLA_FLAGS="$(XLA_FLAGS) --xla_cpu_max_isa=AVX2" $(PYTEST) $(PYTEST_ARGS)
 
 # The slow checks include the TPU ahead-of-time compile: [tpu] adds libtpu.
 $(VENV)/.installed-tpu: setup.py | $(PY)
@@ -41,7 +46,7 @@ $(VENV)/.installed-tpu: setup.py | $(PY)
 	touch $@ $(VENV)/.installed-dev $(VENV)/.installed
 
 test-slow: $(VENV)/.installed-tpu
-	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+	$(PYTEST) -m slow $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) workdir

@@ -19,6 +19,11 @@ PY=${PYTHON:-python}
 CFG="configs/default.py"
 V=${VARIANTS:+,${VARIANTS}}
 DATA=(--config.data.data_dir="${WORKDIR}/tfds")
+# The distilled runs read the frozen teacher's outputs from a cache written
+# once under the teacher's workdir (train/teacher_cache.py; no
+# augmentations here), instead of running the teacher at every step.
+TEACHER=(--config.teacher.init="${WORKDIR}/teacher"
+         --config.teacher.cache_features=True)
 # The five runs compile many of the same programs (the student's evaluation,
 # the teacher's forward): one persistent XLA cache for all of them.
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-${WORKDIR}/jax_cache}
@@ -30,13 +35,13 @@ export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=${JAX_PERSISTENT_CACHE_MIN_COM
 "$PY" -m evl_ecg_jax.main --config="${CFG}:mode=distill,loss=ce${V}" \
   --workdir="${WORKDIR}/student_ce" "${DATA[@]}" "$@"
 "$PY" -m evl_ecg_jax.main --config="${CFG}:mode=distill,loss=kd${V}" \
-  --config.teacher.init="${WORKDIR}/teacher" \
+  "${TEACHER[@]}" \
   --workdir="${WORKDIR}/student_kd" "${DATA[@]}" "$@"
 "$PY" -m evl_ecg_jax.main --config="${CFG}:mode=distill,loss=evl${V}" \
-  --config.teacher.init="${WORKDIR}/teacher" \
+  "${TEACHER[@]}" \
   --workdir="${WORKDIR}/student_evl" "${DATA[@]}" "$@"
 "$PY" -m evl_ecg_jax.main --config="${CFG}:mode=distill,loss=evl_shuffled${V}" \
-  --config.teacher.init="${WORKDIR}/teacher" \
+  "${TEACHER[@]}" \
   --workdir="${WORKDIR}/student_evl_shuffled" "${DATA[@]}" "$@"
 "$PY" -m evl_ecg_jax.eval.report --out="${WORKDIR}/report.md" \
   "teacher (ViT1D)=${WORKDIR}/teacher" \

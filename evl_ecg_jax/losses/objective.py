@@ -355,7 +355,8 @@ def make_objective(*, alpha: float, kd_weight: float = 0.0,
                    ot_threshold: float = 1e-3,
                    ot_max_iterations: int = 1000, ot_time_weight: float = 0.0,
                    ot_relative_epsilon: bool = False,
-                   ot_debiased: bool = False) -> Objective:
+                   ot_debiased: bool = False,
+                   ot_teacher_self_term: bool = True) -> Objective:
   """Builds the objective L (EVL-ECG Eq. 9) from floats (never a config).
 
   α = 0 gives the task loss alone (no teacher, no heads). `*_weight` are the
@@ -399,4 +400,5 @@ def make_objective(*, alpha: float, kd_weight: float = 0.0,
                      max_iterations=int(ot_max_iterations),
                      time_weight=float(ot_time_weight),
                      relative_epsilon=bool(ot_relative_epsilon),
-                     debiased=bool(ot_debiased)))
+                     debiased=bool(ot_debiased),
+                     teacher_self_term=bool(ot_teacher_self_term)))

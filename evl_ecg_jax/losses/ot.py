@@ -261,7 +261,7 @@ def _prepared(teacher_tokens, student_tokens, teacher_mask, student_mask,
 def ot_loss(teacher_tokens, student_tokens, *, epsilon, teacher_mask=None,
             student_mask=None, plan_gradient="implicit", threshold=1e-4,
             max_iterations=2000, time_weight=0.0, relative_epsilon=False,
-            debiased=False):
+            debiased=False, teacher_self_term=True):
   """OT matching loss, EVL-ECG: L_ot = Σ_ij P*_ij C_ij (or S_ε, `debiased`).
 
   P* is the entropic optimal plan between the uniform measures on the valid
@@ -293,6 +293,10 @@ def ot_loss(teacher_tokens, student_tokens, *, epsilon, teacher_mask=None,
       the token among the valid ones of its sequence, (k + ½)/n.
     relative_epsilon: ε is relative to the cost's spread (see `epsilon`).
     debiased: return S_ε(t, s) = OT_ε(t, s) − ½ OT_ε(t, t) − ½ OT_ε(s, s).
+    teacher_self_term: with `debiased`, False leaves out ½ OT_ε(t, t). It
+      depends on the teacher alone, so the gradient is the same; the value
+      is then S_ε + ½ OT_ε(t, t) (a per-batch constant, no longer ≥ 0), and
+      the largest of the three Sinkhorn solves (N × N) is skipped.
 
   Returns:
     Scalar float32, mean over the batch.
@@ -312,8 +316,10 @@ def ot_loss(teacher_tokens, student_tokens, *, epsilon, teacher_mask=None,
     return jnp.mean(per_sequence)
   entropic = jax.vmap(functools.partial(_entropic_cost, **solve))
   cross = entropic(t, s, a, b, tau_t, tau_s, eps)
-  self_t = jax.lax.stop_gradient(entropic(t, t, a, a, tau_t, tau_t, eps))
   self_s = entropic(s, s, b, b, tau_s, tau_s, eps)
+  if not teacher_self_term:
+    return jnp.mean(cross - 0.5 * self_s)
+  self_t = jax.lax.stop_gradient(entropic(t, t, a, a, tau_t, tau_t, eps))
   return jnp.mean(cross - 0.5 * self_t - 0.5 * self_s)
 
 

@@ -327,6 +327,17 @@ def test_debiased_matches_pot_sinkhorn_divergence(eps):
   assert value == pytest.approx(_pot_divergence(t, s, eps), rel=1e-6)
   value32 = float(losses.ot_loss(t, s, epsilon=eps, debiased=True))
   assert value32 == pytest.approx(_pot_divergence(t, s, eps), rel=2e-3)
+  # Without the teacher's self term: S_ε + ½ OT_ε(t, t), same gradient.
+  with jax.enable_x64(True):
+    partial = lambda s_: losses.ot_loss(t, s_, epsilon=eps, debiased=True,
+                                        teacher_self_term=False, **TIGHT)
+    full = lambda s_: losses.ot_loss(t, s_, epsilon=eps, debiased=True,
+                                     **TIGHT)
+    self_t = np.mean([_symmetric_entropic(x, eps) for x in t])
+    assert float(partial(s)) == pytest.approx(
+        _pot_divergence(t, s, eps) + 0.5 * self_t, rel=1e-6)
+    np.testing.assert_allclose(jax.grad(partial)(s), jax.grad(full)(s),
+                               rtol=1e-9, atol=1e-12)
 
 
 def test_debiased_is_zero_for_equal_clouds_and_removes_the_shrink_bias():

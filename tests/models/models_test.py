@@ -140,7 +140,7 @@ def test_vit_block_taps_are_the_block_outputs():
   np.testing.assert_allclose(feats["tokens"], by_hand, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", family_params(FAMILIES))
 def test_lead_i_model_reads_only_lead_i(family):
   model = _tiny(family, leads="I")
   x = _ecg(1)

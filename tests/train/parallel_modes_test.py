@@ -6,11 +6,12 @@ state and the frozen teacher sharded) and a single device agree on losses
 and updated params for the EVL objective; gradient accumulation equals the
 whole batch.
 
-EVL cases keep one example per fake CPU device: with two or more, the
-vmapped implicit-differentiation solve of the Sinkhorn gradient deadlocks
-XLA:CPU's multi-device runtime (every thread parked on a futex; one device
-is fine, so is ot_plan_gradient="stop"; docs/scale.md). The tensor axis is
-covered with logit KD.
+The EVL parity runs two examples per device (16 on 8 devices), with the
+exact (implicit) Sinkhorn gradient: its adjoint is solved by conjugate
+gradients (matmuls); the LAPACK eigendecomposition it used before
+deadlocked XLA:CPU's multi-device runtime from two examples per device up.
+Logit KD is one of its terms, so KD's parity is checked here too. The
+tensor axis is covered with logit KD.
 """
 
 import functools
@@ -33,7 +34,7 @@ from evl_ecg_jax.train import step as step_lib
 STEPS = 3
 # threshold 0: Sinkhorn runs exactly max_iterations on every shard, so the
 # per-device and global programs do the same iterations.
-EVL = dict(alpha=0.5, kd_weight=0.0, mhca_weight=1.0, relation_weight=1.0, ot_weight=1.0,
+EVL = dict(alpha=0.5, kd_weight=1.0, mhca_weight=1.0, relation_weight=1.0, ot_weight=1.0,
            mhca_heads=2, ot_epsilon=0.1, ot_threshold=0.0,
            ot_max_iterations=100)
 
@@ -48,7 +49,7 @@ def _config(loss=None):
   return config
 
 
-def _run(runner, accum_steps=1, loss=None, batch_size=8):
+def _run(runner, accum_steps=1, loss=None, batch_size=16):
   config = _config(loss)
   student = models.get(config.student, 5)
   teacher = models.get(config.teacher, 5)
@@ -102,9 +103,13 @@ def test_pmap_and_spmd_match_one_device_for_evl(single_device):
   assert jax.device_count() == 8
   pmap = _run(runner_lib.Pmap(), loss=EVL)
   spmd = _run(_spmd(), loss=EVL)
-  _assert_same(single_device, pmap)
-  _assert_same(single_device, spmd)
-  assert set(single_device[1][0]) >= {"mhca", "relation", "ot", "ce"}
+  # Losses to 1e-4; params to 1e-4, a tenth of one Adam step (lr 1e-3):
+  # Adam's update of a coordinate whose gradient is near zero follows the
+  # gradient's rounding, which differs with the reduction order across
+  # devices and threads (one weight of 1,920 moved 5e-5 on a 1-thread run).
+  _assert_same(single_device, pmap, param_atol=1e-4)
+  _assert_same(single_device, spmd, param_atol=1e-4)
+  assert set(single_device[1][0]) >= {"mhca", "relation", "ot", "kd", "ce"}
   assert single_device[1][-1]["loss"] < single_device[1][0]["loss"]
 
 

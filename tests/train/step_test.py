@@ -90,12 +90,11 @@ def _assert_same(run_a, run_b):
                state_b.params, state_a.params)
 
 
-# kd (whose loss holds the CE term) stays in the default suite; EVL's
-# pmap-vs-one-device parity runs there in tests/train/parallel_modes_test.py
-# (pmap and spmd); ce and evl here are slow.
-@pytest.mark.parametrize("loss", [pytest.param("ce", marks=pytest.mark.slow),
-                                  "kd",
-                                  pytest.param("evl", marks=pytest.mark.slow)])
+# The default suite checks this parity in tests/train/parallel_modes_test.py
+# (EVL with its KD and CE terms, pmap and spmd, two examples per device);
+# here, per loss, under `make test-slow`.
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["ce", "kd", "evl"])
 def test_eight_devices_match_one(loss):
   assert jax.device_count() >= 8
   state1, hist1 = run1 = _run(1, loss)

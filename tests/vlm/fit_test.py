@@ -86,8 +86,11 @@ def _models(toks):
   return t, s
 
 
-@pytest.mark.parametrize(
-    "variant", [pytest.param("paper", marks=pytest.mark.slow), "evl_uld"])
+# Slow (~40 s each): the pipeline test below trains the configured EVL
+# across the two tokenizers; ULD's loss is checked against numpy with two
+# vocabularies in tests/losses/baselines_test.py.
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["paper", "evl_uld"])
 def test_cross_tokenizer_evl_loss_is_finite_with_gradients(toks, variant):
   teacher, student = _models(toks)
   batch = {k: jnp.asarray(v) for k, v in _batch(toks).items() if k != "id"}
