@@ -44,7 +44,7 @@ setuptools.setup(
     extras_require={
         "dev": [
             "pytest>=8.0",
-            "pytest-xdist>=3.5",  # make test: two workers (pytest.ini).
+            "pytest-xdist>=3.5",  # make test: two workers (Makefile).
             "POT>=0.9.4",
             "scikit-learn>=1.4",
             *EXPORT,

@@ -92,10 +92,11 @@ def tfds_dir(tmp_path_factory):
 
 
 # `make test` runs two pytest-xdist workers, one test file each at a time
-# (--dist loadfile keeps a file's module fixtures on one worker). Files are
-# handed out in collection order, so the longest ones (measured with
-# --durations=0, serially: 80-140 s each) go first and the many short files
-# fill in behind them instead of one long file finishing alone at the end.
+# (--dist loadfile keeps a file's module fixtures on one worker). With
+# --no-loadscope-reorder files are handed out in collection order, so the
+# longest ones (measured with --durations=0, serially: 140 s down to 40 s)
+# go first and the many short files fill in behind them instead of one long
+# file finishing alone at the end.
 _LONGEST_FIRST = (
     "vlm/fit_test.py", "train/parallel_modes_test.py", "losses/ot_test.py",
     "models/models_test.py", "train/diagnostics_test.py", "smoke_test.py",

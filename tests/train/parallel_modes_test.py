@@ -32,10 +32,11 @@ from evl_ecg_jax.train import runner as runner_lib
 from evl_ecg_jax.train import step as step_lib
 
 STEPS = 3
+BATCH = 16  # two examples per fake device
 # threshold 0: Sinkhorn runs exactly max_iterations on every shard, so the
 # per-device and global programs do the same iterations.
-EVL = dict(alpha=0.5, kd_weight=1.0, mhca_weight=1.0, relation_weight=1.0, ot_weight=1.0,
-           mhca_heads=2, ot_epsilon=0.1, ot_threshold=0.0,
+EVL = dict(alpha=0.5, kd_weight=1.0, mhca_weight=1.0, relation_weight=1.0,
+           ot_weight=1.0, mhca_heads=2, ot_epsilon=0.1, ot_threshold=0.0,
            ot_max_iterations=100)
 
 
@@ -49,13 +50,13 @@ def _config(loss=None):
   return config
 
 
-def _run(runner, accum_steps=1, loss=None, batch_size=16):
+def _run(runner, accum_steps=1, loss=None):
   config = _config(loss)
   student = models.get(config.student, 5)
   teacher = models.get(config.teacher, 5)
   rng = np.random.default_rng(0)
-  ecg = rng.normal(size=(batch_size, 1000, 12)).astype(np.float32)
-  labels = (rng.random((batch_size, 5)) < 0.3).astype(np.float32)
+  ecg = rng.normal(size=(BATCH, 1000, 12)).astype(np.float32)
+  labels = (rng.random((BATCH, 5)) < 0.3).astype(np.float32)
   x = jnp.asarray(ecg[:1])
   objective = losses.make_objective(**dict(config.loss))
   tx = optim.make(config.optim, total_steps=10)
@@ -117,13 +118,13 @@ def test_pmap_and_spmd_match_one_device_for_evl(single_device):
 def test_tensor_parallel_matches_pmap_for_kd():
   # Tensor-split matmuls sum in another order; Adam's normalised step
   # turns that float noise into ~1e-5 on a few params after 3 steps.
-  _assert_same(_run(runner_lib.Pmap(), batch_size=16),
-               _run(_spmd((2, 2, 2)), batch_size=16), param_atol=1e-4)
+  _assert_same(_run(runner_lib.Pmap()), _run(_spmd((2, 2, 2))),
+               param_atol=1e-4)
 
 
 def test_spmd_shards_params_optimizer_state_and_teacher():
   runner = _spmd((2, 2, 2))
-  _, _, (state, teacher_params) = _run(runner, batch_size=16)
+  _, _, (state, teacher_params) = _run(runner)
 
   def fraction(x):  # of the array held by one device
     return x.addressable_shards[0].data.size / x.size
@@ -141,9 +142,9 @@ def test_spmd_shards_params_optimizer_state_and_teacher():
     "pmap", pytest.param("spmd", marks=pytest.mark.slow)])
 def test_grad_accumulation_equals_the_whole_batch(runner):
   make = runner_lib.Pmap if runner == "pmap" else _spmd
-  whole = _run(make(), batch_size=16)
+  whole = _run(make())
   # Summation order differs (see the tensor-parallel test).
-  _assert_same(whole, _run(make(), accum_steps=2, batch_size=16),
+  _assert_same(whole, _run(make(), accum_steps=2),
                param_atol=1e-4)
 
 
