@@ -17,6 +17,7 @@ import os
 
 from etils import epath
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -74,10 +75,39 @@ def _shape_diff(metadata, target) -> list[str]:
   return out
 
 
+# Orbax's array handler splits the writing of a replicated array across its
+# replicas ("replica-parallel"), slicing it on device first: one compiled
+# slice program per (shape, replica) whatever the array's size. Below
+# _MIN_REPLICA_SLICE_BYTES a slice is not worth a program (a pmap run on
+# 8 devices compiled 256 of them, 7 s, per saved tiny model); a replica
+# writes the whole array instead. Large arrays (a pod's params) are still
+# written replica-parallel.
+_MIN_REPLICA_SLICE_BYTES = 1 << 20
+_STATE_TYPES = ocp.type_handlers.create_type_handler_registry(
+    (int, ocp.type_handlers.ScalarHandler()),
+    (float, ocp.type_handlers.ScalarHandler()),
+    (np.number, ocp.type_handlers.ScalarHandler()),
+    (np.ndarray, ocp.type_handlers.NumpyHandler()),
+    (jax.Array, ocp.type_handlers.ArrayHandler(
+        min_slice_bytes_for_replica_parallel=_MIN_REPLICA_SLICE_BYTES)))
+
+
+def _save_state(state):
+  return ocp.args.PyTreeSave(state)
+
+
+def _restore_state(target):
+  """Restore args for a tree of ShapeDtypeStructs (with their shardings)."""
+  return ocp.args.PyTreeRestore(
+      item=target,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+
+
 def _manager(workdir, options) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(directory(workdir), options=options,
                                item_handlers={
-                                   "state": ocp.StandardCheckpointHandler(),
+                                   "state": ocp.PyTreeCheckpointHandler(
+                                       type_handler_registry=_STATE_TYPES),
                                    "data": ocp.JsonCheckpointHandler(),
                                    "config": ocp.JsonCheckpointHandler()})
 
@@ -102,7 +132,7 @@ class Checkpointer:
   def save(self, step: int, state, data_state, metrics=None) -> None:
     """Async save; `metrics` ({name: float}) rank it for best_step."""
     self._mngr.save(step, metrics=metrics, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
+        state=_save_state(state),
         data=ocp.args.JsonSave(data_state),
         config=ocp.args.JsonSave(self._config)))
 
@@ -140,7 +170,7 @@ class Checkpointer:
           "another --workdir, or the checkpoint's config.")
     try:
       out = self._mngr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state),
+          state=_restore_state(abstract_state),
           data=ocp.args.JsonRestore()))
     except Exception as e:  # orbax/tensorstore raise many types.
       raise self._unreadable(where, step, e) from None
@@ -187,7 +217,7 @@ def load_params(workdir: str, which: str = "latest"):
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
         mngr.item_metadata(step)["state"])
     out = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))
+        state=_restore_state(target)))
   return jax.tree.map(jax.numpy.asarray, out.state["params"])
 
 
