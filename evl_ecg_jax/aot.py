@@ -25,7 +25,6 @@ printed next to it (it includes remat's recomputed forward).
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
@@ -75,49 +74,35 @@ def compile_step(config, topology_name: str, batch_size: int = 0,
   """Lowers + compiles the spmd train step; returns the report dict."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   from evl_ecg_jax import losses  # pylint: disable=g-import-not-at-top
   from evl_ecg_jax import models  # pylint: disable=g-import-not-at-top
-  from evl_ecg_jax import parallel  # pylint: disable=g-import-not-at-top
   from evl_ecg_jax.train import loop  # pylint: disable=g-import-not-at-top
-  from evl_ecg_jax.train import optim  # pylint: disable=g-import-not-at-top
-  from evl_ecg_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  from evl_ecg_jax.train import runner as runner_lib  # pylint: disable=g-import-not-at-top
 
+  if config.parallel != "spmd" or config.mode != "distill":
+    raise ValueError(f"config.parallel={config.parallel!r}, config.mode="
+                     f"{config.mode!r}: the AOT tool compiles the distill "
+                     "step under parallel=spmd (configs/scale.py).")
   topo, devices = tpu_devices(topology_name)
   batch = batch_size or config.data.batch_size
-  mesh = parallel.make_mesh(config.sharding.mesh_axes,
-                            config.sharding.mesh_shape, devices=devices)
-  rules = config.sharding.rules
   samples = 10 * config.data.sampling_rate
   shape = (batch, samples, 12)
   example = jnp.zeros((1, samples, 12), jnp.float32)
   objective = losses.make_objective(**dict(config.loss))
-  student = models.get(config.student, len(config.data.class_names))
-  teacher = models.get(config.teacher, len(config.data.class_names))
-  tx = optim.make(config.optim, config.total_steps)
-  init = loop.state_initializer(student, tx, config, example, objective,
-                                teacher)
-  boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
-  state_sh, _ = parallel.param_shardings(boxed, mesh, rules)
-  attach = lambda tree, sh: jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      nn.meta.unbox(tree), sh)
-  frozen = jnp.dtype(config.teacher.frozen_param_dtype)
-  t_boxed = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, frozen),
-                         models.abstract_variables(teacher, shape))
-  t_sh = parallel.param_shardings(t_boxed, mesh, rules)[0]["params"]
-  batch_sh = parallel.batch_sharding(mesh, rules)
-  abstract_batch = {
-      "ecg": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=batch_sh),
-      "labels": jax.ShapeDtypeStruct((batch, len(config.data.class_names)),
-                                     jnp.float32, sharding=batch_sh)}
-  step = parallel.spmd_train_step(
-      functools.partial(step_lib.train_step, model=student, teacher=teacher,
-                        objective=objective, tx=tx,
-                        accum_steps=config.grad_accum_steps),
-      mesh, rules, state_sh, t_sh)
-  lowered = step.lower(attach(boxed, state_sh),
-                       attach(t_boxed["params"], t_sh), abstract_batch)
+  student, teacher = loop.build_models(config, objective, example.shape)
+  # The runner and the step training uses, on the topology's devices.
+  run = runner_lib.make(config, devices=devices)
+  init, step_fn, teacher_abstract = loop.step_parts(config, student, teacher,
+                                                    objective, example)
+  target = run.state_target(jax.eval_shape(init, jax.random.PRNGKey(0)))
+  step = run.train_step(step_fn, target, teacher_abstract)
+  lowered = step.lower(target, run.teacher_target(teacher_abstract),
+                       run.batch_target({
+                           "ecg": jax.ShapeDtypeStruct(shape, jnp.float32),
+                           "labels": jax.ShapeDtypeStruct(
+                               (batch, len(config.data.class_names)),
+                               jnp.float32)}))
+  mesh = run.mesh
   report = {"topology": topology_name, "chips": topo.num_chips,
             "accelerator_type": topo.accelerator_type,
             "mesh": dict(mesh.shape), "batch_size": batch,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from typing import Callable
 
 from absl import logging
 from etils import epath
@@ -214,12 +215,50 @@ def prepare(config, workdir: str, model_names=models.MODELS):
   return run, workdir
 
 
+def make_objective(config):
+  """The run's objective: only distillation has a teacher; a teacher itself
+  (and a task-only student) trains on the task loss (α = 0)."""
+  return losses.make_objective(**dict(
+      config.loss, alpha=config.loss.alpha if uses_teacher(config) else 0.0))
+
+
+def run_mode(config, workdir, run, *, model, teacher, objective, task,
+             load: Callable, train: Callable, evaluate: Callable,
+             model_name: str, shown) -> dict:
+  """What the signal and VLM fits share once their models are built.
+
+  Writes config.json (config_evaluate.json for mode=evaluate, keeping the
+  training run's as it was); gets params {"model": ...} from `load()`
+  (mode=evaluate) or `train(monitor)` (the distillation diagnostics'
+  Monitor, or None); `evaluate(params)` -> metrics, completed with the
+  diagnostics summary, the model, its size and the runner, written to
+  metrics.json with the `shown` keys on the terminal.
+  """
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  write_json(workdir, "config.json" if config.mode != "evaluate"
+             else "config_evaluate.json", config.to_dict())
+  monitor = None
+  if config.mode == "evaluate":
+    params = load()
+  else:
+    if teacher is not None and config.eval.diagnostics:
+      monitor = diagnostics.Monitor(run, model=model, teacher=teacher,
+                                    objective=objective, task=task)
+    params = train(monitor)
+  results = evaluate(params)
+  if monitor is not None:
+    results.update(monitor.summary())
+  results.update(model=model_name, parallel=run.name,
+                 num_params=int(sum(x.size for x in jax.tree.leaves(
+                     params["model"]))))
+  write_metrics(workdir, results, shown)
+  return results
+
+
 def fit(config, workdir: str) -> dict:
   """Runs `config.mode` in `workdir`; returns the final eval metrics."""
   run, workdir = prepare(config, workdir)
-  # Only distillation has a teacher; a teacher itself trains on the task loss.
-  objective = losses.make_objective(**dict(
-      config.loss, alpha=config.loss.alpha if uses_teacher(config) else 0.0))
+  objective = make_objective(config)
   example = jnp.asarray(pipeline.example(config.data)["ecg"][None])
   model, teacher = build_models(config, objective, example.shape)
   if teacher is not None and config.teacher.cache_features:
@@ -227,62 +266,70 @@ def fit(config, workdir: str) -> dict:
       teacher_cache.check(config)
     except ValueError as e:
       raise config_lib.ConfigError(str(e)) from None
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  # An evaluation keeps the training run's config.json as it was.
-  write_json(workdir, "config.json" if config.mode != "evaluate"
-              else "config_evaluate.json", config.to_dict())
-  block = trained_block(config)
   predict = run.predictor(functools.partial(step_lib.predict_step,
                                             model=model))
 
-  monitor = None
-  if config.mode == "evaluate":
-    params = {"model": run.place_params(
-        checkpoint.load_params(workdir, config.eval.checkpoint)["model"],
-        _abstract(model, example.shape))}
-  else:
-    if teacher is not None and config.eval.diagnostics:
-      monitor = diagnostics.Monitor(run, model=model, teacher=teacher,
-                                    objective=objective)
-    params = _train(config, workdir, run, model, teacher, objective, example,
-                    predict, monitor)
+  def evaluate(params):
+    preds = {}
+    results = evaluate_lib.evaluate(predict, params, config.data,
+                                    config.eval.splits, preds)
+    if jax.process_index() == 0:  # per-record scores, for reports and tests
+      with (epath.Path(workdir) / "predictions.npz").open("wb") as f:
+        np.savez(f, **{
+            f"{split}/{name}": array for split, arrays in preds.items()
+            for name, array in zip(("probs", "labels", "ids"), arrays)})
+    return results
 
-  preds = {}
-  results = evaluate_lib.evaluate(predict, params, config.data,
-                                  config.eval.splits, preds)
-  if jax.process_index() == 0:  # per-record scores, for reports and tests
-    with (epath.Path(workdir) / "predictions.npz").open("wb") as f:
-      np.savez(f, **{
-          f"{split}/{name}": array for split, arrays in preds.items()
-          for name, array in zip(("probs", "labels", "ids"), arrays)})
-  if monitor is not None:
-    results.update(monitor.summary())
-  results["model"] = config[block].name
-  results["num_params"] = int(sum(x.size for x in jax.tree.leaves(
-      params["model"])))
-  results["parallel"] = run.name
-  write_metrics(workdir, results,
-                [f"{split}/macro_auc" for split in config.eval.splits])
-  return results
+  return run_mode(
+      config, workdir, run, model=model, teacher=teacher,
+      objective=objective, task=step_lib.SignalTask,
+      load=lambda: {"model": run.place_params(
+          checkpoint.load_params(workdir, config.eval.checkpoint)["model"],
+          _abstract(model, example.shape))},
+      train=lambda monitor: _train(config, workdir, run, model, teacher,
+                                   objective, example, predict, monitor),
+      evaluate=evaluate, model_name=config[trained_block(config)].name,
+      shown=[f"{split}/macro_auc" for split in config.eval.splits])
+
+
+def step_parts(config, model, teacher, objective, example,
+               task=step_lib.SignalTask):
+  """(init, step_fn, teacher_abstract): the state initializer, the
+  per-device step (`step_fn(state, teacher_params, batch, axis_name)`) and
+  the frozen teacher's boxed abstract variables in
+  `config.teacher.frozen_param_dtype` (None without a teacher), for an
+  `example` batch (an ECG [1, T, L] or a dict `task.inputs` reads). The
+  signal and VLM fits and the ahead-of-time compile (evl_ecg_jax/aot.py)
+  all build from it."""
+  teacher_abstract = None
+  if teacher is not None:
+    args, kwargs = task.inputs(
+        example if isinstance(example, dict) else {"ecg": example}, "teacher")
+    dtype = jnp.dtype(config.teacher.frozen_param_dtype)
+    teacher_abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, dtype),
+        jax.eval_shape(functools.partial(teacher.init, **kwargs),
+                       jax.random.PRNGKey(0), *args))
+  tx = optim.make(config.optim, config.total_steps)
+  init = state_initializer(model, tx, config, example, objective, teacher,
+                           task)
+  step_fn = functools.partial(
+      step_lib.train_step, model=model, teacher=teacher, objective=objective,
+      tx=tx, accum_steps=config.grad_accum_steps, task=task)
+  return init, step_fn, teacher_abstract
 
 
 def _train(config, workdir, run, model, teacher, objective, example,
            predict, monitor):
   """Trains `model` (distilled from `teacher` if not None); returns params."""
-  teacher_params = teacher_abstract = None
+  init, step_fn, teacher_abstract = step_parts(config, model, teacher,
+                                               objective, example)
+  teacher_params = cached = None
   if teacher is not None:
-    teacher_abstract = _abstract(
-        teacher, example.shape, jnp.dtype(config.teacher.frozen_param_dtype))
     teacher_params = load_teacher_params(config, run, teacher_abstract)
-  tx = optim.make(config.optim, config.total_steps)
-  init = state_initializer(model, tx, config, example, objective, teacher)
-  cached = None
   if teacher is not None and config.teacher.cache_features:
     cached = teacher_cache.build_or_load(
         config, teacher, teacher_params, objective.model_taps("teacher"))
-  step_fn = functools.partial(
-      step_lib.train_step, model=model, teacher=teacher, objective=objective,
-      tx=tx, accum_steps=config.grad_accum_steps)
   return trainer.train(
       config, workdir, run, init=init, step_fn=step_fn,
       batches=pipeline.train_iterator(

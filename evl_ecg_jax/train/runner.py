@@ -31,8 +31,9 @@ class Pmap:
   def __init__(self):
     self.batch_shards = jax.device_count()
 
-  def init_state(self, init_fn, rng):
+  def init_state(self, init_fn, rng, target=None):
     """`init_fn(rng)` -> boxed TrainState; placed replicated."""
+    del target
     return parallel.replicate(jax.jit(
         lambda r: nn.meta.unbox(init_fn(r)))(rng))
 
@@ -56,9 +57,9 @@ class Pmap:
     del abstract_variables
     return parallel.replicate(params)
 
-  def train_step(self, step_fn, teacher_abstract=None):
+  def train_step(self, step_fn, state_like=None, teacher_abstract=None):
     """`step_fn(state, teacher_params, batch, axis_name)` under pmap."""
-    del teacher_abstract
+    del state_like, teacher_abstract
     return parallel.pmap_train_step(functools.partial(step_fn,
                                                       axis_name=parallel.AXIS))
 
@@ -89,23 +90,28 @@ class Spmd:
     self.mesh, self.rules = mesh, rules
     self.batch_shards = parallel.batch_shards(mesh, rules)
     self._batch = parallel.batch_sharding(mesh, rules)
-    self.state_shardings = None
 
   def shardings(self, abstract_boxed):
     """NamedShardings of a boxed abstract tree (logged fallbacks)."""
     return parallel.param_shardings(abstract_boxed, self.mesh, self.rules)[0]
 
-  def init_state(self, init_fn, rng):
-    self.state_shardings = self.shardings(jax.eval_shape(init_fn, rng))
+  def init_state(self, init_fn, rng, target=None):
+    """`init_fn(rng)` -> boxed TrainState, created sharded like `target`
+    (`state_target` of its abstract value when None)."""
+    if target is None:
+      target = self.state_target(jax.eval_shape(init_fn, rng))
     with parallel.mesh_context(self.mesh, self.rules):
       return jax.jit(lambda r: nn.meta.unbox(init_fn(r)),
-                     out_shardings=self.state_shardings)(rng)
+                     out_shardings=_shardings_of(target))(rng)
 
   def state_target(self, abstract_boxed_state):
-    self.state_shardings = self.shardings(abstract_boxed_state)
+    """ShapeDtypeStructs carrying the shardings of the boxes' logical axes:
+    what a checkpoint restores into, what `init_state` creates and what
+    `train_step` is compiled for."""
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        nn.meta.unbox(abstract_boxed_state), self.state_shardings)
+        nn.meta.unbox(abstract_boxed_state),
+        self.shardings(abstract_boxed_state))
 
   def place_state(self, state):
     return state  # restored in place (state_target carries the shardings)
@@ -119,15 +125,30 @@ class Spmd:
     return parallel.same_on_every_process(
         params, self.shardings(abstract_variables)["params"])
 
-  def teacher_shardings(self, abstract_variables):
-    return (None if abstract_variables is None
-            else self.shardings(abstract_variables)["params"])
+  def teacher_target(self, abstract_variables):
+    """The frozen teacher's params as sharded ShapeDtypeStructs (None
+    without a teacher)."""
+    if abstract_variables is None:
+      return None
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        nn.meta.unbox(abstract_variables)["params"],
+        self.shardings(abstract_variables)["params"])
 
-  def train_step(self, step_fn, teacher_abstract=None):
-    """`step_fn` under jit on the mesh (after init_state/state_target)."""
-    return parallel.spmd_train_step(step_fn, self.mesh, self.rules,
-                                    self.state_shardings,
-                                    self.teacher_shardings(teacher_abstract))
+  def batch_target(self, shapes):
+    """{name: ShapeDtypeStruct} of a global batch, sharded as `put_batch`
+    places it."""
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self._batch)
+            for k, v in shapes.items()}
+
+  def train_step(self, step_fn, state_like, teacher_abstract=None):
+    """`step_fn` under jit on the mesh, for a state sharded like
+    `state_like` (the state, or its `state_target`); `.lower(...)` on the
+    targets compiles it ahead of time (evl_ecg_jax/aot.py)."""
+    teacher = self.teacher_target(teacher_abstract)
+    return parallel.spmd_train_step(
+        step_fn, self.mesh, self.rules, _shardings_of(state_like),
+        None if teacher is None else _shardings_of(teacher))
 
   def put_batch(self, batch):
     return parallel.host_local_batch(batch, self._batch)
@@ -146,18 +167,26 @@ class Spmd:
         params, teacher_params, self.put_batch(batch)))
 
 
+def _shardings_of(tree):
+  return jax.tree.map(lambda x: x.sharding, tree)
+
+
 def _host_means(values) -> dict:
   """{name: float}: each (per-device) value averaged on the host."""
   return {k: float(np.mean(v)) for k, v in jax.device_get(values).items()}
 
 
-def make(config):
-  """The runner `config.parallel` names (ValueError naming the field)."""
+def make(config, devices=None):
+  """The runner `config.parallel` names (ValueError naming the field).
+
+  `devices`: the mesh's devices under spmd (default: all of them; the AOT
+  tool passes a TPU topology's).
+  """
   if config.parallel == "pmap":
     return Pmap()
   if config.parallel == "spmd":
     mesh = parallel.make_mesh(config.sharding.mesh_axes,
-                              config.sharding.mesh_shape)
+                              config.sharding.mesh_shape, devices=devices)
     return Spmd(mesh, config.sharding.rules)
   raise ValueError(f"config.parallel={config.parallel!r}: expected 'pmap' "
                    "or 'spmd'.")

@@ -23,14 +23,17 @@ from evl_ecg_jax.train import optim
 
 
 def _restore_or_init(ckpt, run, init, batches, rng):
-  """The latest checkpoint (and the data iterator's state), or a new state."""
-  restored = ckpt.restore_latest(run.state_target(jax.eval_shape(init, rng)))
+  """(state, its target): the latest checkpoint (and the data iterator's
+  state), or a new state; the target (run.state_target) carries the
+  shardings the step is compiled for."""
+  target = run.state_target(jax.eval_shape(init, rng))
+  restored = ckpt.restore_latest(target)
   if restored is None:
-    return run.init_state(init, rng)
+    return run.init_state(init, rng, target), target
   state, data_state = restored
   batches.set_state(data_state)
   logging.info("Resumed from step %d.", int(state.step))
-  return run.place_state(state)
+  return run.place_state(state), target
 
 
 def _validate(validate, diagnose, params, teacher_params, batch, row, step,
@@ -73,9 +76,9 @@ def train(config, workdir: str, run, *, init: Callable, step_fn: Callable,
   ckpt = checkpoint.Checkpointer(
       workdir, max_to_keep=config.ckpt.max_to_keep, config=config.to_dict(),
       best_metric=config.ckpt.best_metric, best_mode=config.ckpt.best_mode)
-  state = _restore_or_init(ckpt, run, init, batches,
-                           jax.random.PRNGKey(config.seed))
-  p_train = run.train_step(step_fn, teacher_abstract)
+  state, target = _restore_or_init(ckpt, run, init, batches,
+                                   jax.random.PRNGKey(config.seed))
+  p_train = run.train_step(step_fn, target, teacher_abstract)
   schedule = optim.learning_rate_schedule(config.optim, config.total_steps)
   writer = MetricWriter(workdir)
   guard = guards.NonFiniteGuard(config.max_bad_steps)

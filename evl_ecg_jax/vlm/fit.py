@@ -9,7 +9,6 @@ evaluation (vlm/evaluate.py). mode=pipeline trains the teacher in
 
 from __future__ import annotations
 
-import functools
 import os
 
 from etils import epath
@@ -23,10 +22,7 @@ from evl_ecg_jax import config as config_lib
 from evl_ecg_jax import losses
 from evl_ecg_jax.data import pipeline
 from evl_ecg_jax.models import vlm as vlm_lib
-from evl_ecg_jax.train import diagnostics
 from evl_ecg_jax.train import loop
-from evl_ecg_jax.train import optim
-from evl_ecg_jax.train import step as step_lib
 from evl_ecg_jax.train import trainer
 from evl_ecg_jax.vlm import data as data_lib
 from evl_ecg_jax.vlm import evaluate as evaluate_lib
@@ -184,16 +180,14 @@ def fit(config, workdir: str) -> dict:
   else:
     descriptions = text_lib.describe_classes(config.data.class_names)
   toks = tokenizers(config, workdir, descriptions)
-  distill = loop.uses_teacher(config)
   trained = loop.trained_block(config)
   size = tuple(config.vlm.image_size)
   model = build_model(config[trained], toks[trained].vocab_size,
                       field=trained, image_size=size)
   teacher = (build_model(config.teacher, toks["teacher"].vocab_size,
                          field="teacher", image_size=size)
-             if distill else None)
-  objective = losses.make_objective(**dict(
-      config.loss, alpha=config.loss.alpha if distill else 0.0))
+             if loop.uses_teacher(config) else None)
+  objective = loop.make_objective(config)
   task = task_lib.VLMTask(trained=trained)
   batcher = data_lib.Batcher(
       tokenizers=toks, class_names=tuple(config.data.class_names),
@@ -204,30 +198,19 @@ def fit(config, workdir: str) -> dict:
   first = pipeline.example(config.data)
   example = _model_batch(batcher(
       {k: np.asarray(v)[None] for k, v in first.items()}, 0))
-  loop.write_json(workdir, "config.json" if config.mode != "evaluate"
-                  else "config_evaluate.json", config.to_dict())
-
-  monitor = None
-  if config.mode == "evaluate":
-    params = {"model": checkpoint.load_params(
-        workdir, config.eval.checkpoint)["model"]}
-  else:
-    if teacher is not None and config.eval.diagnostics:
-      monitor = diagnostics.Monitor(run, model=model, teacher=teacher,
-                                    objective=objective, task=task)
-    params = _train(config, workdir, run, model, teacher, objective, task,
-                    batcher, example, toks[trained], descriptions, monitor)
-  results = _evaluate(config, batcher, model, params["model"],
-                      toks[trained], descriptions, config.eval.splits)
-  if monitor is not None:
-    results.update(monitor.summary())
-  results.update(model=config[trained].preset, parallel=run.name,
-                 num_params=int(sum(x.size for x in jax.tree.leaves(
-                     params["model"]))))
-  loop.write_metrics(
-      workdir, results,
-      [f"{split}/soft/macro_auc" for split in config.eval.splits])
-  return results
+  return loop.run_mode(
+      config, workdir, run, model=model, teacher=teacher,
+      objective=objective, task=task,
+      load=lambda: {"model": checkpoint.load_params(
+          workdir, config.eval.checkpoint)["model"]},
+      train=lambda monitor: _train(config, workdir, run, model, teacher,
+                                   objective, task, batcher, example,
+                                   toks[trained], descriptions, monitor),
+      evaluate=lambda params: _evaluate(
+          config, batcher, model, params["model"], toks[trained],
+          descriptions, config.eval.splits),
+      model_name=config[trained].preset,
+      shown=[f"{split}/soft/macro_auc" for split in config.eval.splits])
 
 
 def _model_batch(batch):
@@ -238,24 +221,14 @@ def _model_batch(batch):
 
 def _train(config, workdir, run, model, teacher, objective, task, batcher,
            example, tokenizer, descriptions, monitor):
-  teacher_params = teacher_abstract = None
+  init, step_fn, teacher_abstract = loop.step_parts(
+      config, model, teacher, objective, example, task)
+  teacher_params = None
   if teacher is not None:
-    args, kwargs = task.inputs(example, "teacher")
-    dtype = jnp.dtype(config.teacher.frozen_param_dtype)
-    teacher_abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, dtype),
-        jax.eval_shape(functools.partial(teacher.init, **kwargs),
-                       jax.random.PRNGKey(0), *args))
     teacher_params = loop.load_teacher_params(config, run, teacher_abstract)
-  tx = optim.make(config.optim, config.total_steps)
-  step_fn = functools.partial(
-      step_lib.train_step, model=model, teacher=teacher, objective=objective,
-      tx=tx, accum_steps=config.grad_accum_steps, task=task)
   batches = data_lib.VLMBatches(pipeline.train_iterator(
       config.data, process_index=jax.process_index(),
       process_count=jax.process_count()), batcher)
-  init = loop.state_initializer(model, tx, config, example, objective,
-                                teacher, task)
   steps = config.vlm.vision_pretrain_steps
   if steps and not checkpoint.has_checkpoint(workdir):
     # Every process reads the same global batches: the same ViT everywhere.

@@ -67,7 +67,8 @@ def _run(runner, accum_steps=1, loss=None):
       models.init_params(teacher, jax.random.PRNGKey(1), x), teacher_abstract)
   step = runner.train_step(functools.partial(
       step_lib.train_step, model=student, teacher=teacher,
-      objective=objective, tx=tx, accum_steps=accum_steps), teacher_abstract)
+      objective=objective, tx=tx, accum_steps=accum_steps), state,
+                           teacher_abstract)
   history = []
   for _ in range(STEPS):
     state, metrics = step(state, teacher_params,
