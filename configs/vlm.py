@@ -132,8 +132,7 @@ def get_config(arg=None):
   config.ckpt_every_steps = 4 if arg.runlocal else 500
   config.ckpt.best_metric = "validation/soft/macro_auc"
   config.data.batch_size = 8 if arg.runlocal else 32
-  if arg.runlocal:
-    config.vlm.vision_pretrain_steps = 2
-    config.vlm.validation_records = 16
-    config.vlm.max_new_tokens = 8
+  if arg.runlocal:  # (eval batches of one shape: one compile per model)
+    config.vlm.update(vision_pretrain_steps=2, validation_records=16,
+                      eval_batch_size=16, max_new_tokens=8)
   return config
