@@ -6,6 +6,7 @@ be overridden with --config.<field>=<value>.
 
 from __future__ import annotations
 
+import functools
 import sys
 
 from absl import app
@@ -28,6 +29,12 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
                                       "Number of processes (multi-host).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None,
                                    "This process's id (multi-host).")
+_PREPARE_ONLY = flags.DEFINE_bool(
+    "prepare_only", False,
+    "Check the config and prepare every dataset split it reads (a TFDS "
+    "build on first use), then exit without training. Run it once before "
+    "starting several runs at a time on a fresh data_dir, so that they do "
+    "not build the same dataset concurrently.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -47,6 +54,17 @@ def parse_flags(argv):
              "file (every field is set there).")
 
 
+def _prepare(config, workdir, model_names):
+  """--prepare_only: the config checked, its splits prepared."""
+  from evl_ecg_jax import console  # pylint: disable=g-import-not-at-top
+  from evl_ecg_jax.train import loop  # pylint: disable=g-import-not-at-top
+  kwargs = {} if model_names is None else {"model_names": model_names}
+  loop.prepare(config, workdir, **kwargs)
+  splits = sorted({"train", *config.eval.splits})
+  console.show(f"{config.data.tfds_name} {splits}: ready in "
+               f"{config.data.data_dir or '~/tensorflow_datasets'}")
+
+
 def main(argv):
   del argv
   from evl_ecg_jax import console  # pylint: disable=g-import-not-at-top
@@ -59,10 +77,13 @@ def main(argv):
   from evl_ecg_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from evl_ecg_jax.train import guards  # pylint: disable=g-import-not-at-top
   from evl_ecg_jax.train import loop  # pylint: disable=g-import-not-at-top
+  vlm = _CONFIG.value.get("model_kind") == "vlm"
   fit = loop.fit
-  if _CONFIG.value.get("model_kind") == "vlm":
+  if vlm:
     from evl_ecg_jax.vlm import fit as vlm_fit  # pylint: disable=g-import-not-at-top
     fit = vlm_fit.fit
+  if _PREPARE_ONLY.value:
+    fit = functools.partial(_prepare, model_names=() if vlm else None)
   try:
     fit(_CONFIG.value, _WORKDIR.value)
   except guards.Preempted as e:

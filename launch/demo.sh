@@ -30,16 +30,42 @@ export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-${WORKDIR}/jax_cac
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0.2}
 
 
+# Two runs at a time where they do not depend on each other (the task-only
+# student beside the teacher, the KD student beside EVL): at these sizes
+# one run keeps two cores only partly busy (compiles are single-threaded).
+# A background run's console goes to its log; its result line is printed
+# when it ends (its whole log, and the demo stops, if it fails). The data
+# is prepared first, once (`--prepare_only`), not by two runs at a time.
+mkdir -p "${WORKDIR}"
+declare -A PIDS
+background() {  # NAME ARGS...: main in the background
+  local name=$1
+  shift
+  "$PY" -m evl_ecg_jax.main "$@" >"${WORKDIR}/${name}.console.txt" 2>&1 &
+  PIDS[$name]=$!
+}
+finish() {  # NAME: waits for a background run; its result line
+  if ! wait "${PIDS[$1]}"; then
+    cat "${WORKDIR}/$1.console.txt" >&2
+    echo "demo: the $1 run failed (log above)." >&2
+    exit 1
+  fi
+  grep -a "metrics.json:" "${WORKDIR}/$1.console.txt" | tail -n 1
+}
+
+"$PY" -m evl_ecg_jax.main --config="${CFG}:mode=train_teacher${V}" \
+  --workdir="${WORKDIR}/teacher" "${DATA[@]}" --prepare_only "$@"
+background student_ce --config="${CFG}:mode=distill,loss=ce${V}" \
+  --workdir="${WORKDIR}/student_ce" "${DATA[@]}" "$@"
 "$PY" -m evl_ecg_jax.main --config="${CFG}:mode=train_teacher${V}" \
   --workdir="${WORKDIR}/teacher" "${DATA[@]}" "$@"
-"$PY" -m evl_ecg_jax.main --config="${CFG}:mode=distill,loss=ce${V}" \
-  --workdir="${WORKDIR}/student_ce" "${DATA[@]}" "$@"
-"$PY" -m evl_ecg_jax.main --config="${CFG}:mode=distill,loss=kd${V}" \
-  "${TEACHER[@]}" \
-  --workdir="${WORKDIR}/student_kd" "${DATA[@]}" "$@"
+finish student_ce
+background student_kd --config="${CFG}:mode=distill,loss=kd${V}" \
+  "${TEACHER[@]}" --workdir="${WORKDIR}/student_kd" "${DATA[@]}" "$@"
 "$PY" -m evl_ecg_jax.main --config="${CFG}:mode=distill,loss=evl${V}" \
   "${TEACHER[@]}" \
   --workdir="${WORKDIR}/student_evl" "${DATA[@]}" "$@"
+finish student_kd
 "$PY" -m evl_ecg_jax.main --config="${CFG}:mode=distill,loss=evl_shuffled${V}" \
   "${TEACHER[@]}" \
   --workdir="${WORKDIR}/student_evl_shuffled" "${DATA[@]}" "$@"

@@ -285,3 +285,19 @@ def test_cli_missing_teacher_checkpoint_fails_fast(tmp_path):
   assert "config.teacher.init" in proc.stderr
   assert str(missing) in proc.stderr
   assert not (tmp_path / "run").exists()  # nothing built, nothing written
+
+
+def test_cli_prepare_only_builds_the_data_and_trains_nothing(tmp_path):
+  data_dir, workdir = tmp_path / "tfds", tmp_path / "run"
+  proc = _cli("--config=configs/default.py:mode=train_teacher,runlocal",
+              f"--workdir={workdir}",
+              f"--config.data.data_dir={data_dir}", "--prepare_only")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "synthetic_ecg/tiny" in proc.stdout and "ready in" in proc.stdout
+  # Every split a run reads is prepared (a later run builds nothing) ...
+  for split in ("train", "validation", "test"):
+    assert list((data_dir / "synthetic_ecg" / "tiny").glob(
+        f"*/synthetic_ecg-{split}.array_record*")), split
+  # ... and nothing was trained or checkpointed.
+  assert not checkpoint.has_checkpoint(str(workdir))
+  assert not (workdir / "metrics.json").exists()
