@@ -49,10 +49,10 @@ def test_train_teacher_writes_everything(teacher_dir):
   assert os.listdir(os.path.join(teacher_dir, "tensorboard"))
 
 
-def test_distill_and_evaluate(teacher_dir, tfds_dir, tmp_path):
-  workdir = str(tmp_path / "student")
-  metrics = loop.fit(_config("mode=distill,loss=kd", tfds_dir,
-                             **{"teacher.init": teacher_dir}), workdir)
+def test_distill_and_evaluate(evl_run, tfds_dir, tmp_path):
+  """mode=evaluate of a distilled student (the EVL run below, whose loss
+  includes logit KD) reproduces its metrics and keeps its config.json."""
+  workdir, metrics = evl_run
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     last = [json.loads(line) for line in f][-1]
   assert {"train/ce", "train/kd", "train/loss"} <= set(last)
@@ -92,19 +92,34 @@ def _check_diagnostics(metrics, terms):
 _SLOW = pytest.mark.slow
 
 
+def _distill_evl(variant, teacher_dir, tfds_dir, workdir):
+  # Four records a device: relations across the records of a batch are
+  # computed per device and are degenerate below three.
+  return loop.fit(_config(f"mode=distill,loss={variant}", tfds_dir,
+                          **{"teacher.init": teacher_dir,
+                             "data.batch_size": 32}), workdir)
+
+
+@pytest.fixture(scope="module")
+def evl_run(teacher_dir, tfds_dir, tmp_path_factory):
+  """(workdir, metrics) of the shipped EVL distillation, shared by the
+  tests that read a distilled run."""
+  workdir = str(tmp_path_factory.mktemp("evl"))
+  return workdir, _distill_evl("evl", teacher_dir, tfds_dir, workdir)
+
+
 @pytest.mark.parametrize("variant,absent", [
     ("evl", set()),
     pytest.param("evl_no_mhca", {"train/mhca"}, marks=_SLOW),
     pytest.param("evl_no_rel", {"train/relation"}, marks=_SLOW),
     pytest.param("evl_no_ot", {"train/ot"}, marks=_SLOW)])
-def test_distill_evl_and_ablations(teacher_dir, tfds_dir, tmp_path, variant,
-                                   absent):
-  workdir = str(tmp_path / variant)
-  # Four records a device: relations across the records of a batch are
-  # computed per device and are degenerate below three.
-  metrics = loop.fit(_config(f"mode=distill,loss={variant}", tfds_dir,
-                             **{"teacher.init": teacher_dir,
-                                "data.batch_size": 32}), workdir)
+def test_distill_evl_and_ablations(teacher_dir, tfds_dir, tmp_path, evl_run,
+                                   variant, absent):
+  if variant == "evl":
+    workdir, metrics = evl_run
+  else:
+    workdir = str(tmp_path / variant)
+    metrics = _distill_evl(variant, teacher_dir, tfds_dir, workdir)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     last = [json.loads(line) for line in f if "train/loss" in line][-1]
   assert EVL_TERMS - absent <= set(last) and not absent & set(last)
