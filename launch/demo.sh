@@ -38,6 +38,8 @@ export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=${JAX_PERSISTENT_CACHE_MIN_COM
 # is prepared first, once (`--prepare_only`), not by two runs at a time.
 mkdir -p "${WORKDIR}"
 declare -A PIDS
+# A failed foreground run stops the demo: take its background partner too.
+trap 'jobs -p | xargs -r kill 2>/dev/null || true' EXIT
 background() {  # NAME ARGS...: main in the background
   local name=$1
   shift
