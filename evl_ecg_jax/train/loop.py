@@ -83,14 +83,6 @@ def load_teacher_params(config, run, teacher_abstract):
   return run.place_params(params, teacher_abstract)
 
 
-def _abstract(model, input_shape, dtype=None):
-  """Boxed abstract variables of `model`, params optionally cast."""
-  abstract = models.abstract_variables(model, input_shape)
-  if dtype is None:
-    return abstract
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), abstract)
-
-
 def uses_teacher(config) -> bool:
   return config.mode == "distill" and config.loss.alpha > 0
 
@@ -285,7 +277,7 @@ def fit(config, workdir: str) -> dict:
       objective=objective, task=step_lib.SignalTask,
       load=lambda: {"model": run.place_params(
           checkpoint.load_params(workdir, config.eval.checkpoint)["model"],
-          _abstract(model, example.shape))},
+          models.abstract_variables(model, example.shape))},
       train=lambda monitor: _train(config, workdir, run, model, teacher,
                                    objective, example, predict, monitor),
       evaluate=evaluate, model_name=config[trained_block(config)].name,

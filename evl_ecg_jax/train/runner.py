@@ -108,10 +108,8 @@ class Spmd:
     """ShapeDtypeStructs carrying the shardings of the boxes' logical axes:
     what a checkpoint restores into, what `init_state` creates and what
     `train_step` is compiled for."""
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        nn.meta.unbox(abstract_boxed_state),
-        self.shardings(abstract_boxed_state))
+    return _with_shardings(abstract_boxed_state,
+                           self.shardings(abstract_boxed_state))
 
   def place_state(self, state):
     return state  # restored in place (state_target carries the shardings)
@@ -130,10 +128,8 @@ class Spmd:
     without a teacher)."""
     if abstract_variables is None:
       return None
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        nn.meta.unbox(abstract_variables)["params"],
-        self.shardings(abstract_variables)["params"])
+    return _with_shardings(abstract_variables["params"],
+                           self.shardings(abstract_variables)["params"])
 
   def batch_target(self, shapes):
     """{name: ShapeDtypeStruct} of a global batch, sharded as `put_batch`
@@ -145,10 +141,10 @@ class Spmd:
     """`step_fn` under jit on the mesh, for a state sharded like
     `state_like` (the state, or its `state_target`); `.lower(...)` on the
     targets compiles it ahead of time (evl_ecg_jax/aot.py)."""
-    teacher = self.teacher_target(teacher_abstract)
     return parallel.spmd_train_step(
         step_fn, self.mesh, self.rules, _shardings_of(state_like),
-        None if teacher is None else _shardings_of(teacher))
+        None if teacher_abstract is None
+        else self.shardings(teacher_abstract)["params"])
 
   def put_batch(self, batch):
     return parallel.host_local_batch(batch, self._batch)
@@ -165,6 +161,14 @@ class Spmd:
     step = parallel.spmd_predict(diagnose_fn, self.mesh, self.rules)
     return lambda params, teacher_params, batch: _host_means(step(
         params, teacher_params, self.put_batch(batch)))
+
+
+def _with_shardings(abstract_boxed, shardings):
+  """The unboxed ShapeDtypeStructs of a boxed abstract tree, each carrying
+  its sharding."""
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      nn.meta.unbox(abstract_boxed), shardings)
 
 
 def _shardings_of(tree):
