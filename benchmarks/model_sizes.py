@@ -14,7 +14,8 @@ For every family x size preset (evl_ecg_jax/models/presets.py) at 100 Hz,
   `grad` of the model between batch 2 and batch 4, divided by 2. XLA:CPU
   ignores rematerialisation and keeps bf16 intermediates partly in f32, so
   this is an upper bound for an accelerator; the TPU ahead-of-time compile
-  (issue 8) gives the HBM figure.
+  (issue 8) gives the HBM figure. Measured with the blocks unrolled (the
+  2b/7b presets scan them; docs/scale.md compares both on TPU).
 Writes model_sizes.json and model_sizes.md under --out.
 """
 
@@ -44,6 +45,8 @@ GIB = 2.0 ** 30
 
 
 def _activation_bytes_per_example(model):
+  if getattr(model, "scan", False):  # measured on the unrolled blocks
+    model = model.clone(scan=False)
   params = nn.meta.unbox(models.abstract_variables(model, ECG))["params"]
 
   def loss(p, x):

@@ -26,8 +26,11 @@ from configs import default
 from evl_ecg_jax import config as config_lib
 
 _SIZES = {  # size -> (teacher preset and overrides, student ...)
-    "tiny": (("tiny_teacher", {}), ("tiny_student", {})),
-    "2b": (("vlm_7b", {}), ("vlm_2b", {"pool": 2})),
+    # scan: one nn.scan over each transformer stack (models/layers.py:
+    # scanned): one compiled block instead of 24 + 30 (docs/scale.md).
+    "tiny": (("tiny_teacher", {"scan": False}),
+             ("tiny_student", {"scan": False})),
+    "2b": (("vlm_7b", {"scan": True}), ("vlm_2b", {"pool": 2, "scan": True})),
 }
 # λ of the distillation terms per loss variant (α = 0.5 except ce). ULD is
 # the cross-vocabulary logit baseline (Boizard et al. 2024); logit KD needs
@@ -132,6 +135,8 @@ def get_config(arg=None):
   config.ckpt_every_steps = 4 if arg.runlocal else 500
   config.ckpt.best_metric = "validation/soft/macro_auc"
   config.data.batch_size = 8 if arg.runlocal else 32
+  if large:  # every chip on fsdp (as configs/scale.py): params sharded.
+    config.sharding.mesh_shape = (1, -1, 1)
   if arg.runlocal:  # (eval batches of one shape: one compile per model)
     config.vlm.update(vision_pretrain_steps=2, validation_records=16,
                       eval_batch_size=16, max_new_tokens=8)

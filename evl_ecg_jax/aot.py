@@ -2,7 +2,10 @@ r"""Ahead-of-time compile of the real train step for a TPU slice, on a CPU host.
 
   pip install -e '.[tpu]'   # libtpu matching the installed jax
   python -m evl_ecg_jax.aot --config=configs/scale.py:pair=7b_2b \
-      --topology=v5e:2x2 [--batch_size=64] [--json=out.json]
+      --topology=v5e:2x2 [--batch_size=64] [--max_batch] [--json=out.json]
+  python -m evl_ecg_jax.aot \
+      --config=configs/vlm.py:size=2b,mode=distill,parallel=spmd \
+      --topology=v5p:2x2x2 --max_batch
 
 Builds the config's teacher, student and objective, lowers the
 `parallel=spmd` step (train/runner.py: params, optimizer state and the
@@ -12,6 +15,10 @@ with libtpu, and prints per-chip HBM (arguments, outputs, temporaries,
 peak) against the chip's HBM, the FLOPs of one step and the step time they
 imply at 100 % and 40 % of the slice's peak. Exits 1 with a message when
 the step does not fit (XLA's out-of-memory, or a peak above the HBM).
+`--max_batch` searches the largest global batch that fits (`max_batch`).
+Signal configs (configs/scale.py) and VLM ones (configs/vlm.py: the batch
+is an image and both tokenizers' sequences of config.vlm.max_len, at the
+vocabulary sizes the config asks its tokenizers for).
 
 FLOPs: XLA's cost analysis counts a loop body once (Sinkhorn's iterations,
 an implicit-gradient solve), so the step's FLOPs are counted as model
@@ -20,14 +27,18 @@ FLOPs: B x (3 x student forward + teacher forward) from
 and its gradient from the cost analysis of the loss alone, with Sinkhorn
 bounded at `ot_max_iterations` (6 FLOPs per cost entry per iteration for
 the two log-sum-exp updates). XLA's own count of the compiled step is
-printed next to it (it includes remat's recomputed forward).
+printed next to it (it includes remat's recomputed forward; with scanned
+stacks it counts each stack's body once). For a VLM the model FLOPs are
+the forwards only (B x (3 x student + teacher)).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
+import time
 
 from absl import app
 from absl import flags
@@ -43,6 +54,11 @@ _BATCH = flags.DEFINE_integer("batch_size", 0,
 _JSON = flags.DEFINE_string("json", "", "Also write the report here.")
 _HBM = flags.DEFINE_float("hbm_gib", 0.0, "HBM budget per chip in GiB (0: "
                           "the chip's; less keeps headroom).")
+_MAX_BATCH = flags.DEFINE_bool(
+    "max_batch", False, "Search the largest global batch that fits "
+    "(doubling from --batch_size, then bisecting; see max_batch).")
+_MAX_BATCH_LIMIT = flags.DEFINE_integer(
+    "max_batch_limit", 65536, "Largest batch --max_batch tries.")
 _MFU = 0.4  # the "realistic" utilisation the report quotes
 
 
@@ -69,53 +85,84 @@ def _sinkhorn_flops(config, batch, n_teacher, n_student) -> float:
   return 6.0 * batch * n_teacher * n_student * loss.ot_max_iterations
 
 
+def _parts(config, batch: int):
+  """(student, teacher, objective, task, example of one record, {name:
+  ShapeDtypeStruct} of the global batch) of a signal or VLM config."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from evl_ecg_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from evl_ecg_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+
+  objective = loop.make_objective(config)
+  if config.get("model_kind", "signal") == "vlm":
+    from evl_ecg_jax.vlm import data as vlm_data  # pylint: disable=g-import-not-at-top
+    from evl_ecg_jax.vlm import fit as vlm_fit  # pylint: disable=g-import-not-at-top
+    from evl_ecg_jax.vlm import task as vlm_task  # pylint: disable=g-import-not-at-top
+    vlm_fit.check(config)
+    size = tuple(config.vlm.image_size)
+    # The vocabularies the config asks its tokenizers for.
+    student, teacher = (vlm_fit.build_model(
+        config[b], config[b].vocab_size, field=b, image_size=size)
+                        for b in ("student", "teacher"))
+    shapes = vlm_data.batch_shapes(size, config.vlm.max_len, batch)
+    example = {k: jnp.zeros((1,) + s.shape[1:], s.dtype)
+               for k, s in shapes.items()}
+    return (student, teacher, objective, vlm_task.VLMTask("student"),
+            example, shapes)
+  samples = 10 * config.data.sampling_rate
+  example = jnp.zeros((1, samples, 12), jnp.float32)
+  student, teacher = loop.build_models(config, objective, example.shape)
+  shapes = {"ecg": jax.ShapeDtypeStruct((batch, samples, 12), jnp.float32),
+            "labels": jax.ShapeDtypeStruct(
+                (batch, len(config.data.class_names)), jnp.float32)}
+  return student, teacher, objective, step_lib.SignalTask, example, shapes
+
+
 def compile_step(config, topology_name: str, batch_size: int = 0,
                  hbm_gib: float = 0.0) -> dict:
   """Lowers + compiles the spmd train step; returns the report dict."""
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from evl_ecg_jax import losses  # pylint: disable=g-import-not-at-top
-  from evl_ecg_jax import models  # pylint: disable=g-import-not-at-top
   from evl_ecg_jax.train import loop  # pylint: disable=g-import-not-at-top
   from evl_ecg_jax.train import runner as runner_lib  # pylint: disable=g-import-not-at-top
 
   if config.parallel != "spmd" or config.mode != "distill":
     raise ValueError(f"config.parallel={config.parallel!r}, config.mode="
                      f"{config.mode!r}: the AOT tool compiles the distill "
-                     "step under parallel=spmd (configs/scale.py).")
+                     "step under parallel=spmd (configs/scale.py, "
+                     "configs/vlm.py:size=2b,mode=distill,parallel=spmd).")
   topo, devices = tpu_devices(topology_name)
   batch = batch_size or config.data.batch_size
-  samples = 10 * config.data.sampling_rate
-  shape = (batch, samples, 12)
-  example = jnp.zeros((1, samples, 12), jnp.float32)
-  objective = losses.make_objective(**dict(config.loss))
-  student, teacher = loop.build_models(config, objective, example.shape)
+  start = time.perf_counter()
+  student, teacher, objective, task, example, shapes = _parts(config, batch)
   # The runner and the step training uses, on the topology's devices.
   run = runner_lib.make(config, devices=devices)
-  init, step_fn, teacher_abstract = loop.step_parts(config, student, teacher,
-                                                    objective, example)
+  init, step_fn, teacher_abstract = loop.step_parts(
+      config, student, teacher, objective, example, task)
   target = run.state_target(jax.eval_shape(init, jax.random.PRNGKey(0)))
   step = run.train_step(step_fn, target, teacher_abstract)
   lowered = step.lower(target, run.teacher_target(teacher_abstract),
-                       run.batch_target({
-                           "ecg": jax.ShapeDtypeStruct(shape, jnp.float32),
-                           "labels": jax.ShapeDtypeStruct(
-                               (batch, len(config.data.class_names)),
-                               jnp.float32)}))
-  mesh = run.mesh
+                       run.batch_target(shapes))
+  lowered_at = time.perf_counter()
+  count = lambda abstract: int(sum(
+      x.size for x in jax.tree.leaves(abstract["params"])))
   report = {"topology": topology_name, "chips": topo.num_chips,
             "accelerator_type": topo.accelerator_type,
-            "mesh": dict(mesh.shape), "batch_size": batch,
-            "teacher_params": models.count_params(teacher, shape),
-            "student_params": models.count_params(student, shape),
-            "hbm_per_chip_gib": hbm_gib or topo.chip.hbm_gib}
+            "mesh": dict(run.mesh.shape), "batch_size": batch,
+            "scan": {"teacher": getattr(teacher, "scan", False),
+                     "student": getattr(student, "scan", False)},
+            "teacher_params": count(teacher_abstract),
+            "student_params": count({"params": target.params["model"]}),
+            "hbm_per_chip_gib": hbm_gib or topo.chip.hbm_gib,
+            "lower_s": lowered_at - start}
   try:
     compiled = lowered.compile()
   except Exception as e:  # pylint: disable=broad-except
     if "memory" not in str(e).lower():
       raise
-    report.update(fits=False, error=str(e).splitlines()[0][:500])
+    report.update(fits=False, error=str(e).splitlines()[0][:500],
+                  compile_s=time.perf_counter() - lowered_at)
     return report
+  report["compile_s"] = time.perf_counter() - lowered_at
   mem = compiled.memory_analysis()
   gib = 1024.0**3
   peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes
@@ -126,19 +173,33 @@ def compile_step(config, topology_name: str, batch_size: int = 0,
       aliased_gib=mem.alias_size_in_bytes / gib,
       temporaries_gib=mem.temp_size_in_bytes / gib,
       peak_gib=peak / gib, fits=peak / gib <= report["hbm_per_chip_gib"])
-  report.update(_flops(config, batch, student, teacher, objective, example,
-                       compiled, topo))
+  xla = compiled.cost_analysis()
+  xla = xla[0] if isinstance(xla, (list, tuple)) else xla
+  report["xla_flops_per_step"] = float(xla.get("flops", 0.0)) * topo.num_chips
+  report.update(_flops(config, batch, student, teacher, objective, task,
+                       example))
+  peak = topo.num_chips * topo.chip.bf16_tflops * 1e12
+  report.update({"peak_bf16_flops_per_s": peak,
+                 "step_s_at_100pct": report["model_flops_per_step"] / peak,
+                 f"step_s_at_{int(_MFU * 100)}pct":
+                     report["model_flops_per_step"] / (_MFU * peak)})
   return report
 
 
-def _flops(config, batch, student, teacher, objective, example, compiled,
-           topo) -> dict:
-  """Model FLOPs of one step (see the module docstring) and step times."""
+def _flops(config, batch, student, teacher, objective, task,
+           example) -> dict:
+  """Model FLOPs of one step (see the module docstring)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from evl_ecg_jax import models  # pylint: disable=g-import-not-at-top
-  s_fwd = models.flops_per_example(student, example.shape)
-  t_fwd = models.flops_per_example(teacher, example.shape)
+  s_fwd, t_fwd = (models.flops_per_example(
+      m, inputs=task.inputs(example if isinstance(example, dict) else
+                            {"ecg": example}, role))
+                  for m, role in ((student, "student"), (teacher, "teacher")))
+  if isinstance(example, dict):  # a VLM: the forwards only.
+    return {"model_flops_per_step": batch * (3 * s_fwd + t_fwd),
+            "student_fwd_flops_per_example": s_fwd,
+            "teacher_fwd_flops_per_example": t_fwd}
   taps_s, taps_t = (objective.model_taps("student"),
                     objective.model_taps("teacher"))
   s_out = jax.eval_shape(lambda x: student.init_with_output(
@@ -162,19 +223,12 @@ def _flops(config, batch, student, teacher, objective, example, compiled,
   ot = _sinkhorn_flops(config, batch,
                        tokens(t_out, config.loss.teacher_ot_tap),
                        tokens(s_out, config.loss.student_ot_tap))
-  model = batch * (3 * s_fwd + t_fwd) + loss_flops + ot
-  xla = compiled.cost_analysis()
-  xla = xla[0] if isinstance(xla, (list, tuple)) else xla
-  peak = topo.num_chips * topo.chip.bf16_tflops * 1e12
-  return {"model_flops_per_step": model,
+  return {"model_flops_per_step": batch * (3 * s_fwd + t_fwd) + loss_flops
+                                  + ot,
           "student_fwd_flops_per_example": s_fwd,
           "teacher_fwd_flops_per_example": t_fwd,
           "loss_flops_per_step": loss_flops + ot,
-          "sinkhorn_flops_bound": ot,
-          "xla_flops_per_step": float(xla.get("flops", 0.0)) * topo.num_chips,
-          "peak_bf16_flops_per_s": peak,
-          "step_s_at_100pct": model / peak,
-          f"step_s_at_{int(_MFU * 100)}pct": model / (_MFU * peak)}
+          "sinkhorn_flops_bound": ot}
 
 
 def _count(n: int) -> str:
@@ -182,10 +236,13 @@ def _count(n: int) -> str:
 
 
 def format_report(r: dict) -> str:
+  scanned = [k for k, v in r["scan"].items() if v]
   lines = [f"{r['topology']} ({r['accelerator_type']}, {r['chips']} chips), "
            f"mesh {r['mesh']}, global batch {r['batch_size']}",
            f"teacher {_count(r['teacher_params'])} params (frozen), student "
-           f"{_count(r['student_params'])}"]
+           f"{_count(r['student_params'])}; scanned stacks: "
+           f"{', '.join(scanned) or 'none'}; lowered in {r['lower_s']:.0f} s,"
+           f" compiled in {r['compile_s']:.0f} s"]
   if "peak_gib" not in r:
     return "\n".join(lines + [f"DOES NOT FIT: {r.get('error')}"])
   lines += [
@@ -201,11 +258,63 @@ def format_report(r: dict) -> str:
   return "\n".join(lines)
 
 
+def max_batch(config, topology_name: str, start: int, hbm_gib: float = 0.0,
+              limit: int = 65536,
+              log=functools.partial(print, flush=True)) -> dict:
+  """The largest global batch whose step fits, by compiling it.
+
+  Doubles from `start` until a batch does not fit (or exceeds `limit`),
+  then bisects between the last fit and the first miss down to a step of
+  max(batch shards, fit // 8) (a batch must split over the mesh's batch
+  axes). Returns {"max_batch", "first_miss", "probes": [reports]}.
+  """
+  probes = []
+
+  def fits(batch):
+    report = compile_step(config, topology_name, batch, hbm_gib)
+    probes.append(report)
+    log(f"  batch {batch}: " + (
+        f"peak {report['peak_gib']:.2f} GiB" if "peak_gib" in report
+        else "out of memory") + (" fits" if report["fits"] else " no") +
+        f" (lower {report['lower_s']:.0f} s, compile "
+        f"{report['compile_s']:.0f} s)")
+    return report["fits"]
+
+  lo, hi = 0, start
+  while hi <= limit and fits(hi):
+    lo, hi = hi, 2 * hi
+  if lo == 0:
+    return {"max_batch": 0, "first_miss": start, "probes": probes}
+  mesh = probes[0]["mesh"]
+  shards = mesh.get("data", 1) * mesh.get("fsdp", 1)
+  step = max(shards, lo // 8)
+  while hi - lo > step and hi <= limit:
+    mid = lo + (hi - lo) // 2 // step * step
+    if fits(mid):
+      lo = mid
+    else:
+      hi = mid
+  return {"max_batch": lo, "first_miss": hi if hi <= limit else None,
+          "probes": probes}
+
+
 def main(argv):
   del argv
-  report = compile_step(_CONFIG.value, _TOPOLOGY.value, _BATCH.value,
-                        _HBM.value)
-  print(format_report(report), flush=True)
+  if _MAX_BATCH.value:
+    start = _BATCH.value or _CONFIG.value.data.batch_size
+    found = max_batch(_CONFIG.value, _TOPOLOGY.value, start, _HBM.value,
+                      _MAX_BATCH_LIMIT.value)
+    best = [r for r in found["probes"] if r["batch_size"] ==
+            found["max_batch"]]
+    print(format_report(best[0]) if best else "no batch fits", flush=True)
+    print(f"largest global batch that fits on {_TOPOLOGY.value}: "
+          f"{found['max_batch']} (first miss: {found['first_miss']})",
+          flush=True)
+    report = {**(best[0] if best else {}), **found}
+  else:
+    report = compile_step(_CONFIG.value, _TOPOLOGY.value, _BATCH.value,
+                          _HBM.value)
+    print(format_report(report), flush=True)
   if _JSON.value:
     with open(_JSON.value, "w", encoding="utf-8") as f:
       json.dump(report, f, indent=2)

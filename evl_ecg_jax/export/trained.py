@@ -13,6 +13,7 @@ import numpy as np
 from evl_ecg_jax import checkpoint
 from evl_ecg_jax import models
 from evl_ecg_jax.data import pipeline
+from evl_ecg_jax.models import layers
 from evl_ecg_jax.train import loop
 from evl_ecg_jax.train import step as step_lib
 
@@ -84,4 +85,9 @@ def load(workdir: str, which: str = "best", *,
                      field=block)
   params = jax.tree.map(np.asarray,
                         checkpoint.load_params(workdir, which)["model"])
+  if getattr(model, "scan", False):  # exported unrolled: no loop in graphs.
+    model = model.clone(scan=False)
+    shape = (1,) + tuple(pipeline.example(config.data)["ecg"].shape)
+    params = layers.block_layout(params, nn.meta.unbox(
+        models.abstract_variables(model, shape)["params"]))
   return Trained(workdir, config, block, model, params, which)

@@ -7,6 +7,7 @@ an ECG [B, T, 12] to (logits [B, C], {tap: hidden state}); see
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -72,16 +73,27 @@ def count_params(model: nn.Module, input_shape: Sequence[int]) -> int:
   return int(sum(x.size for x in leaves))
 
 
-def flops_per_example(model: nn.Module, input_shape: Sequence[int]) -> float:
+def flops_per_example(model: nn.Module, input_shape: Sequence[int] = (),
+                      *, inputs=None) -> float:
   """Forward FLOPs for one example (XLA's cost analysis of the lowering).
 
-  Counts every op once, so it is exact for models without loops (all of
-  ours: transformer blocks are unrolled, remat does not change the forward).
+  The example is an ECG of `input_shape` (its batch dimension ignored), or
+  `inputs` = (args, kwargs) of one example for other models (a VLM's
+  image, tokens and mask: `task.inputs`). Counts every op once, so it is
+  exact for models without loops: a model with scanned blocks is counted
+  unrolled (XLA would count the loop body once); remat does not change the
+  forward.
   """
-  variables = abstract_variables(model, (1,) + tuple(input_shape[1:]))
-  x = jax.ShapeDtypeStruct((1,) + tuple(input_shape[1:]), jnp.float32)
-  lowered = jax.jit(lambda v, e: model.apply(v, e, taps=())).lower(
-      nn.meta.unbox(variables), x)
+  if getattr(model, "scan", False):
+    model = model.clone(scan=False)
+  if inputs is None:
+    inputs = ((jax.ShapeDtypeStruct((1,) + tuple(input_shape[1:]),
+                                    jnp.float32),), {})
+  args, kwargs = inputs
+  variables = jax.eval_shape(functools.partial(model.init, **kwargs),
+                             jax.random.PRNGKey(0), *args)
+  lowered = jax.jit(lambda v, a, k: model.apply(v, *a, taps=(), **k)).lower(
+      nn.meta.unbox(variables), args, kwargs)
   return float(lowered.cost_analysis()["flops"])
 
 

@@ -11,7 +11,8 @@ head (embed, vocab).
 The KV cache is an explicit pytree (`init_cache`), passed in and returned:
   {"index": int32 [] next free slot,
    "mask": bool [B, S] slots holding a real token,
-   "layers": ({"k": [B, S, kv_heads, head_dim], "v": same}, ...) per block}
+   "layers": ({"k": [B, S, kv_heads, head_dim], "v": same}, ...) per block
+             (with `scan`: one {"k": [depth, B, S, ...], "v": same})}
 Causality is by slot; RoPE positions default to the count of real tokens
 before each slot, so left-padded prompts and padding between an embedding
 prefix and the text are handled.
@@ -94,6 +95,15 @@ class DecoderBlock(nn.Module):
     return layers.constrain(x, ("batch", "length", "embed")), cache
 
 
+class _ScannedDecoderBlock(DecoderBlock):
+  """DecoderBlock as an nn.scan body over (params, cache) per layer:
+  (x, cache) -> (x, (x, cache)); the stacked x are the block taps."""
+
+  def __call__(self, x, cache, positions, attn_mask, index):
+    x, cache = super().__call__(x, positions, attn_mask, cache, index)
+    return x, (x, cache)
+
+
 class Decoder(nn.Module):
   """Decoder-only LM over tokens or embeddings, with an optional prefix.
 
@@ -122,6 +132,9 @@ class Decoder(nn.Module):
   rope_base: float = 10000.0
   tie_embeddings: bool = True  # logits = hidden @ embedding table^T.
   remat: bool = False  # recompute each block in the backward pass.
+  # One nn.scan over the blocks (params "blocks" with a leading "layers"
+  # axis, the cache's "layers" stacked likewise) instead of "block{i}".
+  scan: bool = False
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
 
@@ -138,11 +151,17 @@ class Decoder(nn.Module):
     self.embedding = self.param("embedding", init,
                                 (self.vocab_size, self.width),
                                 self.param_dtype)
-    block = nn.remat(DecoderBlock) if self.remat else DecoderBlock
-    self.blocks = [block(self.num_heads, self.num_kv_heads, self.dim,
-                         self.mlp_dim, self.rope_base, dtype=self.dtype,
-                         param_dtype=self.param_dtype, name=f"block{i}")
-                   for i in range(self.depth)]
+    args = (self.num_heads, self.num_kv_heads, self.dim, self.mlp_dim,
+            self.rope_base)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    if self.scan:
+      self.blocks = layers.scanned(
+          _ScannedDecoderBlock, depth=self.depth, remat=self.remat,
+          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast))(*args, **kw)
+    else:
+      block = nn.remat(DecoderBlock) if self.remat else DecoderBlock
+      self.blocks = [block(*args, name=f"block{i}", **kw)
+                     for i in range(self.depth)]
     self.ln_final = layers.norm("rms", dtype=self.dtype,
                                 param_dtype=self.param_dtype)
     if not self.tie_embeddings:
@@ -183,12 +202,9 @@ class Decoder(nn.Module):
       positions = jnp.maximum(
           before[:, None] + jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0)
     attn_mask = causal[None] & keys[:, None, :]
-    new_layers = []
-    for i, block in enumerate(self.blocks):
-      layer = None if cache is None else cache["layers"][i]
-      x, layer = block(x, positions, attn_mask, layer, index)
-      new_layers.append(layer)
-      record(f"block{i}", x[:, total - length:])
+    x, outs, new_layers = self._blocks(x, positions, attn_mask, cache, index)
+    for i, out in enumerate(outs):
+      record(f"block{i}", out[:, total - length:])
     h = record("hidden", self.ln_final(x)[:, total - length:])
     if self.tie_embeddings:
       logits = jnp.einsum("bld,vd->blv", h.astype(jnp.float32),
@@ -198,19 +214,35 @@ class Decoder(nn.Module):
     logits = layers.constrain(logits, ("batch", "length", "vocab"))
     if cache is None:
       return logits, record.result()
-    cache = {"index": index + total, "mask": keys,
-             "layers": tuple(new_layers)}
+    cache = {"index": index + total, "mask": keys, "layers": new_layers}
     return logits, record.result(), cache
+
+  def _blocks(self, x, positions, attn_mask, cache, index):
+    """-> (x, [x after block i], the cache's new "layers")."""
+    if self.scan:
+      layer = None if cache is None else cache["layers"]
+      x, (outs, layer) = self.blocks(x, layer, positions, attn_mask, index)
+      return x, [outs[i] for i in range(self.depth)], layer
+    outs, new_layers = [], []
+    for i, block in enumerate(self.blocks):
+      layer = None if cache is None else cache["layers"][i]
+      x, layer = block(x, positions, attn_mask, layer, index)
+      outs.append(x)
+      new_layers.append(layer)
+    return x, outs, tuple(new_layers)
 
 
 def init_cache(model: Decoder, batch: int, max_len: int, dtype=None):
   """An empty KV cache of `max_len` slots (dtype: the model's compute one)."""
   dtype = model.dtype if dtype is None else dtype
   shape = (batch, max_len, model.num_kv_heads, model.dim)
+  if model.scan:  # one stacked {k, v} scanned with the blocks.
+    shape = (model.depth,) + shape
   kv = lambda: {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
   return {"index": jnp.zeros((), jnp.int32),
           "mask": jnp.zeros((batch, max_len), bool),
-          "layers": tuple(kv() for _ in range(model.depth))}
+          "layers": kv() if model.scan else tuple(
+              kv() for _ in range(model.depth))}
 
 
 def _stepper(model, apply, prompt, prefix, mask, max_new_tokens, pad_id,

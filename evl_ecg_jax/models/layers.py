@@ -25,7 +25,9 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
@@ -215,6 +217,83 @@ class EncoderBlock(nn.Module):
     y = MlpBlock(self.mlp_dim, self.dropout, name="mlp", **kw)(y, train=train)
     x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
     return constrain(x, ("batch", "length", "embed"))
+
+
+class _ScannedEncoderBlock(EncoderBlock):
+  """EncoderBlock as an nn.scan body: x -> (x, x). The stacked outputs are
+  the per-block taps; under jit they cost nothing when no tap reads them
+  (dead scan outputs are removed)."""
+
+  def __call__(self, x, train: bool = False):
+    x = super().__call__(x, train)
+    return x, x
+
+
+def scanned(block_cls, *, depth: int, remat: bool, static_argnums=(),
+            in_axes=()):
+  """`depth` copies of `block_cls` as one nn.scan: params stacked on a
+  leading "layers" logical axis (unsharded unless a rule names it), one
+  compiled block instead of `depth`; with `remat` each block is recomputed
+  in the backward pass (prevent_cse=False, as flax advises under scan)."""
+  if remat:
+    block_cls = nn.remat(block_cls, prevent_cse=False,
+                         static_argnums=static_argnums)
+  return nn.scan(block_cls, variable_axes={"params": 0},
+                 split_rngs={"params": True, "dropout": True},
+                 in_axes=in_axes, length=depth,
+                 metadata_params={nn.PARTITION_NAME: "layers"})
+
+
+def encoder_stack(x, record: Optional[Taps], *, depth, num_heads, mlp_dim,
+                  dropout=0.0, train=False, remat=False, scan=False, **kw):
+  """`depth` EncoderBlocks (ViT), recording tap "block{i}" after block i.
+
+  Unrolled, params are "block{i}"; with `scan`, one nn.scan named "blocks"
+  whose params carry a leading depth axis (`block_layout` converts). Call
+  inside a compact method: the blocks belong to it.
+  """
+  record = record or Taps("", None)
+  if not scan:
+    block = (nn.remat(EncoderBlock, static_argnums=(2,)) if remat
+             else EncoderBlock)
+    for i in range(depth):
+      x = block(num_heads, mlp_dim, dropout, name=f"block{i}", **kw)(x, train)
+      record(f"block{i}", x)
+    return x
+  stack = scanned(_ScannedEncoderBlock, depth=depth, remat=remat,
+                  static_argnums=(2,), in_axes=(nn.broadcast,))
+  x, outs = stack(num_heads, mlp_dim, dropout, name="blocks", **kw)(x, train)
+  for i in range(depth):
+    record(f"block{i}", outs[i])
+  return x
+
+
+def block_layout(params, target, *, prefix: str = "block",
+                 stacked: str = "blocks"):
+  """`params` in the block layout of `target` (same model, any layout).
+
+  Converts, at every level of the tree, unrolled blocks "block0".."block{n-1}"
+  into one scanned "blocks" subtree (leaves stacked on axis 0) or back, as
+  `target` (a tree of arrays or ShapeDtypeStructs, e.g. the abstract params
+  of the model to load into) has them. Lets a teacher trained unrolled be
+  distilled with scanned stacks, and a scanned model be exported unrolled.
+  Stacks on the host (NumPy): a 7B teacher is not gathered on one device.
+  """
+  if not isinstance(params, dict) or not isinstance(target, dict):
+    return params
+  params = dict(params)
+  unrolled = lambda tree: sorted(
+      (k for k in tree if k.startswith(prefix) and k[len(prefix):].isdigit()),
+      key=lambda k: int(k[len(prefix):]))
+  if stacked in target and stacked not in params and unrolled(params):
+    blocks = [params.pop(k) for k in unrolled(params)]
+    params[stacked] = jax.tree.map(lambda *xs: np.stack(xs), *blocks)
+  elif stacked in params and stacked not in target and unrolled(target):
+    tree = params.pop(stacked)
+    for i, k in enumerate(unrolled(target)):
+      params[k] = jax.tree.map(lambda x, i=i: x[i], tree)
+  return {k: block_layout(v, target.get(k), prefix=prefix, stacked=stacked)
+          for k, v in params.items()}
 
 
 class ClassifierHead(nn.Module):

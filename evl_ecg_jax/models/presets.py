@@ -6,7 +6,10 @@ Parameter counts are computed with `jax.eval_shape` (no allocation) by
 `models.count_params`; tests/models/presets_test.py checks 2b and 7b.
 
 Large presets compute in bfloat16 with float32 params ("param f32, compute
-bf16"); 2b / 7b also rematerialise each transformer block.
+bf16"); 2b / 7b also rematerialise each transformer block and scan the
+blocks (one compiled block: docs/scale.md has compile time and memory
+against the unrolled stack). Every vit1d block has the `scan` field, so
+`--config.student.scan=true` works at any size.
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ PRESETS = {
         "large": dict(width=1024, depth=24, num_heads=16, mlp_dim=4096,
                       stem_features=64, **_BF16),
         "2b": dict(width=2048, depth=40, num_heads=16, mlp_dim=8192,
-                   stem_features=128, remat=True, **_BF16),
+                   stem_features=128, remat=True, scan=True, **_BF16),
         "7b": dict(width=4096, depth=35, num_heads=32, mlp_dim=16384,
-                   stem_features=128, remat=True, **_BF16),
+                   stem_features=128, remat=True, scan=True, **_BF16),
     },
     "cnn1d": {
         # ~15k parameters: the edge student of the demo.
@@ -95,6 +98,7 @@ def model_config(family: str, size: str, *, samples: int,
   if size not in PRESETS[_known(family)]:
     raise ValueError(f"Model {family!r} has no size {size!r}; presets: "
                      f"{list(PRESETS[family])}.")
+  scan = {"scan": False} if family == "vit1d" else {}
   return {"name": family, "dtype": "float32", "param_dtype": "float32",
-          **PRESETS[family][size],
+          **scan, **PRESETS[family][size],
           **token_geometry(family, samples=samples, tokens=tokens)}

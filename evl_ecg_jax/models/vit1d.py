@@ -39,6 +39,9 @@ class ViT1D(nn.Module):
   stem_features: int = 0
   dropout: float = 0.0
   remat: bool = False  # recompute each block in the backward pass.
+  # One nn.scan over the blocks (params "blocks" with a leading "layers"
+  # axis) instead of "block{i}": XLA compiles one block, not `depth`.
+  scan: bool = False
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
 
@@ -71,12 +74,10 @@ class ViT1D(nn.Module):
     x = x.reshape(batch, groups * steps, self.width).astype(self.dtype)
     x = layers.constrain(x, ("batch", "length", "embed"))
     x = record("embed", nn.Dropout(self.dropout, deterministic=not train)(x))
-    block = (nn.remat(layers.EncoderBlock, static_argnums=(2,))
-             if self.remat else layers.EncoderBlock)
-    for i in range(self.depth):
-      x = block(self.num_heads, self.mlp_dim, self.dropout, name=f"block{i}",
-                **kw)(x, train)
-      record(f"block{i}", x)
+    x = layers.encoder_stack(
+        x, record, depth=self.depth, num_heads=self.num_heads,
+        mlp_dim=self.mlp_dim, dropout=self.dropout, train=train,
+        remat=self.remat, scan=self.scan, **kw)
     tokens = layers.norm("layer", name="ln_final", **kw)(x)
     head = layers.ClassifierHead(self.num_classes, self.dropout,
                                  self.param_dtype)

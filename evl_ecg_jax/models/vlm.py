@@ -53,6 +53,7 @@ class ImageViT(nn.Module):
   mlp_dim: int
   pool: int = 1
   remat: bool = False
+  scan: bool = False  # one nn.scan over the blocks (layers.encoder_stack).
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
 
@@ -75,11 +76,9 @@ class ImageViT(nn.Module):
                        self.param_dtype)
     x = x.reshape(batch, rows * cols, self.width).astype(self.dtype)
     x = layers.constrain(x, ("batch", "length", "embed"))
-    block = (nn.remat(layers.EncoderBlock, static_argnums=(2,))
-             if self.remat else layers.EncoderBlock)
-    for i in range(self.depth):
-      x = block(self.num_heads, self.mlp_dim, name=f"block{i}", **kw)(x,
-                                                                       False)
+    x = layers.encoder_stack(
+        x, None, depth=self.depth, num_heads=self.num_heads,
+        mlp_dim=self.mlp_dim, remat=self.remat, scan=self.scan, **kw)
     x = layers.norm("layer", name="ln_final", **kw)(x)
     if self.pool > 1:
       k = self.pool
@@ -113,6 +112,7 @@ class ECGVLM(nn.Module):
   tie_embeddings: bool = True
   rope_base: float = 10000.0
   remat: bool = False
+  scan: bool = False  # scanned ViT and LM stacks (layers.scanned).
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
 
@@ -120,7 +120,7 @@ class ECGVLM(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.vit = ImageViT(self.patch_size, self.vit_width, self.vit_depth,
                         self.vit_heads, self.vit_mlp_dim, self.pool,
-                        self.remat, **kw)
+                        self.remat, self.scan, **kw)
     self.proj_in = layers.dense(self.lm_width, ("embed", "mlp"), **kw)
     self.proj_out = layers.dense(self.lm_width, ("mlp", "embed"), **kw)
     self.lm = language_model(self)
@@ -157,7 +157,8 @@ def language_model(vlm: ECGVLM, **kwargs) -> decoder_lib.Decoder:
   return decoder_lib.Decoder(
       vlm.vocab_size, vlm.lm_width, vlm.lm_depth, vlm.lm_heads,
       vlm.lm_kv_heads, vlm.lm_mlp_dim, rope_base=vlm.rope_base,
-      tie_embeddings=vlm.tie_embeddings, remat=vlm.remat, dtype=vlm.dtype,
+      tie_embeddings=vlm.tie_embeddings, remat=vlm.remat, scan=vlm.scan,
+      dtype=vlm.dtype,
       param_dtype=vlm.param_dtype, **kwargs)
 
 

@@ -21,6 +21,7 @@ from evl_ecg_jax import losses
 from evl_ecg_jax import models
 from evl_ecg_jax.data import pipeline
 from evl_ecg_jax.eval import evaluate as evaluate_lib
+from evl_ecg_jax.models import layers
 from evl_ecg_jax.train import diagnostics
 from evl_ecg_jax.train import optim
 from evl_ecg_jax.train import runner as runner_lib
@@ -80,6 +81,9 @@ def load_teacher_params(config, run, teacher_abstract):
   dtype = jnp.dtype(config.teacher.frozen_param_dtype)
   params = jax.tree.map(lambda x: np.asarray(x, dtype),
                         checkpoint.load_params(config.teacher.init)["model"])
+  # A teacher trained with unrolled blocks loads into scanned ones (or back).
+  params = layers.block_layout(
+      params, nn.meta.unbox(teacher_abstract["params"]))
   return run.place_params(params, teacher_abstract)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator, Mapping, Sequence
 
+import jax
 import numpy as np
 import scipy.ndimage
 
@@ -37,6 +38,21 @@ def images(ecg: np.ndarray, fs: float, size: Sequence[int],
   out = scipy.ndimage.zoom(ink, zoom, order=1, grid_mode=True,
                            mode="nearest")
   return np.clip(out, 0.0, 1.0)[..., None]
+
+
+def batch_shapes(image_size: Sequence[int], max_len: int,
+                 batch: int) -> dict:
+  """{name: jax.ShapeDtypeStruct} of the model batch the step reads (the
+  arrays of `Batcher` less ids and labels): the ahead-of-time compile's
+  input (evl_ecg_jax/aot.py)."""
+  sds = jax.ShapeDtypeStruct
+  out = {"image": sds((batch, *image_size, 1), np.float32)}
+  for name in ("teacher", "student"):
+    out.update({f"tokens_{name}": sds((batch, max_len), np.int32),
+                f"targets_{name}": sds((batch, max_len), np.int32),
+                f"attn_{name}": sds((batch, max_len), np.bool_),
+                f"answer_{name}": sds((batch, max_len), np.bool_)})
+  return out
 
 
 def tokenize(tokenizer: tokenizer_lib.Tokenizer,

@@ -33,7 +33,7 @@ class LabelProbe(nn.Module):
     m = self.vlm
     tokens = vlm_lib.ImageViT(
         m.patch_size, m.vit_width, m.vit_depth, m.vit_heads, m.vit_mlp_dim,
-        m.pool, m.remat, dtype=m.dtype, param_dtype=m.param_dtype,
+        m.pool, m.remat, m.scan, dtype=m.dtype, param_dtype=m.param_dtype,
         name="vit")(image)
     return nn.Dense(self.num_classes, name="head")(tokens.mean(axis=1))
 
