@@ -15,16 +15,15 @@ from conftest import REPO
 pytestmark = pytest.mark.slow
 
 
-def _aot(tmp_path, *flags):
+def _aot(tmp_path, *flags, config="configs/scale.py:pair=tiny,batch=8"):
   pytest.importorskip("libtpu", reason="the [tpu] extra (libtpu) is needed "
                       "to compile for TPU; `make test-slow` installs it")
   out = tmp_path / "report.json"
   env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
   res = subprocess.run(
-      [sys.executable, "-m", "evl_ecg_jax.aot",
-       "--config=configs/scale.py:pair=tiny,batch=8", "--topology=v5e:2x2",
-       f"--json={out}", *flags], cwd=REPO, env=env, capture_output=True,
-      text=True, timeout=900)
+      [sys.executable, "-m", "evl_ecg_jax.aot", f"--config={config}",
+       "--topology=v5e:2x2", f"--json={out}", *flags], cwd=REPO, env=env,
+      capture_output=True, text=True, timeout=900)
   return res, json.loads(out.read_text()) if out.exists() else None
 
 
@@ -50,3 +49,29 @@ def test_a_step_that_does_not_fit_fails_clearly(tmp_path):
   assert res.returncode == 1
   assert not report["fits"]
   assert "DOES NOT FIT" in res.stdout
+
+
+def test_max_batch_search_brackets_the_budget(tmp_path):
+  # Scanned stacks; a budget that the tiny pair exceeds between 8 and 512.
+  res, report = _aot(tmp_path, "--max_batch", "--hbm_gib=0.02",
+                     "--max_batch_limit=512", "--config.teacher.scan=true",
+                     "--config.student.scan=true")
+  assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+  assert report["scan"] == {"teacher": True, "student": True}
+  probes = {p["batch_size"]: p for p in report["probes"]}
+  best, miss = report["max_batch"], report["first_miss"]
+  assert best >= 8 and miss is not None and best < miss
+  assert probes[best]["fits"] and probes[best]["peak_gib"] <= 0.02
+  assert not probes[miss]["fits"]
+  assert miss - best <= max(4, best // 8)  # bisected, not just doubled
+  assert f"largest global batch that fits on v5e:2x2: {best}" in res.stdout
+
+
+def test_vlm_distill_step_compiles(tmp_path):
+  res, report = _aot(
+      tmp_path, "--batch_size=8", "--config.teacher.overrides.scan=true",
+      config="configs/vlm.py:size=tiny,mode=distill,parallel=spmd")
+  assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+  assert report["fits"] and report["scan"] == {"teacher": True,
+                                               "student": False}
+  assert report["model_flops_per_step"] > 0
