@@ -10,6 +10,13 @@ features and the learned heads, on random features (B = 32):
 "EVL" is the full feature objective (MHCA + guard, relation, OT); OT's share
 of it is reported both as OT alone / EVL and as 1 − (EVL without OT) / EVL.
 Writes losses.json and losses.md; compare ratios, not seconds.
+
+Then EVL's OT term as configured (configs/default.py loss=evl) under each
+Sinkhorn setting of SOLVERS (error check every k iterations, momentum ω),
+on smoothly drifting unit tokens: the iterations of the teacher-to-student
+solve (mean / max over the batch), the time of value + gradient against
+ott-jax's default (k = 10, ω = 1), and the value's and gradient's relative
+deviation from a tight solve (threshold 1e-5). Writes sinkhorn.json / .md.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import _timing  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import default  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from evl_ecg_jax import losses  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 _OUT = flags.DEFINE_string("out", "workdir/benchmarks", "Output directory.")
@@ -95,6 +103,62 @@ def _cases(scale):
   }
 
 
+# Sinkhorn settings tried for EVL's OT term (configs/default.py loss=evl:
+# relative ε, debiased, temporal cost, plan stopped, threshold 1e-2):
+# (ot_inner_iterations, ot_momentum).
+SOLVERS = ((10, 1.0), (5, 1.0), (1, 1.0), (10, 1.3), (5, 1.3), (1, 1.3),
+           (5, 1.5), (1, 1.5))
+
+
+def _smooth_tokens(rng, b, n, d):
+  """Unit tokens that drift along the sequence (like ECG features: nearby
+  tokens alike), not i.i.d. noise, so the plan has time structure."""
+  x = np.cumsum(rng.normal(size=(b, n, d)), axis=1) / np.sqrt(n)
+  x = x + 0.5 * rng.normal(size=(b, n, d))
+  return jnp.asarray(x / np.linalg.norm(x, axis=-1, keepdims=True),
+                     jnp.float32)
+
+
+def _solver_rows(scale):
+  """EVL's OT (value + gradient) per Sinkhorn setting: time, iterations of
+  the teacher-to-student solve, and the deviation from a tight solve."""
+  b, n, dt, m, _, _, _ = SCALES[scale]
+  loss_cfg = default.get_config("mode=distill,loss=evl").loss
+  kw = dict(epsilon=loss_cfg.ot_epsilon, plan_gradient=loss_cfg.ot_plan_gradient,
+            threshold=loss_cfg.ot_threshold,
+            max_iterations=loss_cfg.ot_max_iterations,
+            time_weight=loss_cfg.ot_time_weight,
+            relative_epsilon=loss_cfg.ot_relative_epsilon,
+            debiased=loss_cfg.ot_debiased,
+            teacher_self_term=loss_cfg.ot_teacher_self_term)
+  rng = np.random.default_rng(1)
+  t, s = _smooth_tokens(rng, b, n, dt), _smooth_tokens(rng, b, m, dt)
+  grad = lambda **k: jax.jit(jax.value_and_grad(
+      lambda s: losses.ot_loss(t, s, **{**kw, **k})))
+  ref_value, ref_grad = grad(threshold=1e-5, max_iterations=5000)(s)
+  cases, out = {}, {}
+  for inner, omega in SOLVERS:
+    name = f"inner {inner}, ω {omega}"
+    fn = grad(inner_iterations=inner, momentum=omega)
+    cases[name] = functools.partial(fn, s)
+    value, g = fn(s)
+    _, iters = losses.ot.transport_plans(
+        t, s, inner_iterations=inner, momentum=omega, with_iterations=True,
+        **{k: v for k, v in kw.items() if k not in ("plan_gradient",)})
+    out[name] = {
+        "iterations_mean": float(np.mean(iters)),
+        "iterations_max": int(np.max(iters)),
+        "value_rel_error": float(abs(value - ref_value) / abs(ref_value)),
+        "grad_rel_error": float(jnp.linalg.norm(g - ref_grad)
+                                / jnp.linalg.norm(ref_grad))}
+  times = _timing.time_interleaved(cases, calls=_CALLS.value,
+                                   repeats=_REPEATS.value)
+  base = times[f"inner {SOLVERS[0][0]}, ω {SOLVERS[0][1]}"]
+  for name, sec in times.items():
+    out[name].update(seconds=sec, vs_default=sec / base)
+  return out
+
+
 def main(argv):
   del argv
   result, rows = {"calls": _CALLS.value, "repeats": _REPEATS.value,
@@ -115,6 +179,18 @@ def main(argv):
   print(_timing.write_report(_OUT.value, "losses", result,
                              ["scale", "loss (fwd + bwd)", "ms", "vs EVL"],
                              rows))
+  solver, rows = {}, []
+  for scale in _SCALES.value:
+    solver[scale] = _solver_rows(scale)
+    rows += [[scale, name, f"{r['iterations_mean']:.1f} / "
+              f"{r['iterations_max']}", f"{r['seconds'] * 1e3:.2f}",
+              f"{r['vs_default']:.2f}", f"{r['value_rel_error']:.1e}",
+              f"{r['grad_rel_error']:.1e}"]
+             for name, r in solver[scale].items()]
+  print(_timing.write_report(
+      _OUT.value, "sinkhorn", {"scales": solver, "solvers": SOLVERS},
+      ["scale", "Sinkhorn (EVL's OT)", "iterations mean / max", "ms",
+       "vs inner 10, ω 1", "value rel. error", "grad rel. error"], rows))
 
 
 if __name__ == "__main__":

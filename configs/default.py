@@ -174,6 +174,12 @@ def _loss_config(loss, student, teacher):
       # three Sinkhorn solves (teacher tokens x teacher tokens) is skipped
       # (demo shapes: the OT value+gradient 41 -> 8 ms).
       ot_teacher_self_term=True,
+      # Sinkhorn's error check every k iterations (ott-jax's 10) and the
+      # over-relaxation ω of its updates (1: plain). A vmapped batch of
+      # problems runs to its slowest one's count; the check at 10 made every
+      # self term take 10 iterations. Same fixed point either way.
+      ot_inner_iterations=10,
+      ot_momentum=1.0,
       **_NO_TERMS,  # λ_kd, λ_m, λ_r, λ_ot, ...
   ))
   config.update(variant)  # the variant's λ and departures

@@ -289,7 +289,8 @@ class Objective:
     """What the EVL terms see, for diagnostics (no gradient).
 
     Returns {"aligned": Ĥ_t, "attention": [B, H, M, N] MHCA weights} when
-    the aligner is on and {"ot_plans": [B, N, M]} when L_ot is.
+    the aligner is on and {"ot_plans": [B, N, M], "ot_iterations": [B]
+    (Sinkhorn's, teacher-to-student)} when L_ot is.
     """
     (_, s_feats), (_, t_feats) = jax.lax.stop_gradient(
         (student_out, teacher_out))
@@ -305,11 +306,12 @@ class Objective:
       out["attention"] = inter["intermediates"]["aligner"]["align"][
           "attention_weights"][0]
     if "ot_student" in head:
-      out["ot_plans"] = ot.transport_plans(
+      out["ot_plans"], out["ot_iterations"] = ot.transport_plans(
           unit_tokens(t_feats[self.taps["teacher_ot"]]),
           unit_tokens(head["ot_student"]),
           teacher_mask=masks.get("teacher_ot"),
-          student_mask=masks.get("student_ot"), **self.ot_kwargs)
+          student_mask=masks.get("student_ot"), with_iterations=True,
+          **self.ot_kwargs)
     return jax.lax.stop_gradient(out)
 
   def combine(self, task_loss, head_params, student_out, teacher_out, *,
@@ -356,7 +358,9 @@ def make_objective(*, alpha: float, kd_weight: float = 0.0,
                    ot_max_iterations: int = 1000, ot_time_weight: float = 0.0,
                    ot_relative_epsilon: bool = False,
                    ot_debiased: bool = False,
-                   ot_teacher_self_term: bool = True) -> Objective:
+                   ot_teacher_self_term: bool = True,
+                   ot_inner_iterations: int = 10,
+                   ot_momentum: float = 1.0) -> Objective:
   """Builds the objective L (EVL-ECG Eq. 9) from floats (never a config).
 
   α = 0 gives the task loss alone (no teacher, no heads). `*_weight` are the
@@ -401,4 +405,6 @@ def make_objective(*, alpha: float, kd_weight: float = 0.0,
                      time_weight=float(ot_time_weight),
                      relative_epsilon=bool(ot_relative_epsilon),
                      debiased=bool(ot_debiased),
-                     teacher_self_term=bool(ot_teacher_self_term)))
+                     teacher_self_term=bool(ot_teacher_self_term),
+                     inner_iterations=int(ot_inner_iterations),
+                     momentum=float(ot_momentum)))

@@ -22,6 +22,8 @@ at every validation step and summarised in metrics.json (docs/evl.md):
                      student token, M: spread over all of them)
   ot/diagonal_mass, ot/diagonal_mass_uniform   plan mass within ±2.5 student
                      tokens of the time diagonal, and that of a⊗b
+  ot/sinkhorn_iterations  the iterations Sinkhorn took for the
+                     teacher-to-student plan (mean over the batch)
   cka/<feature>, cka/<feature>_shuffled   linear CKA between student and
                      teacher features across the batch (logits, pooled
                      embeddings, time-aligned tokens), and with the teacher's
@@ -207,6 +209,8 @@ def diagnostics(params, teacher_params, batch, *, model, teacher, objective,
     out.update(_mhca(inside))
   if "ot_plans" in inside:
     out.update(_ot(inside["ot_plans"]))
+    out["ot/sinkhorn_iterations"] = jnp.mean(
+        inside["ot_iterations"].astype(jnp.float32))
   out.update(_cka(s_out, t_out, objective))
   return out
 
