@@ -48,7 +48,7 @@ _EVL = dict(mhca_weight=0.1, relation_weight=1.0, ot_weight=1.0,
             mhca_time_sigma=0.05, relation_batch_share=1.0,
             ot_plan_gradient="stop", ot_relative_epsilon=True,
             ot_debiased=True, ot_teacher_self_term=False, ot_threshold=1e-2,
-            ot_max_iterations=100)
+            ot_max_iterations=100, ot_inner_iterations=5, ot_momentum=1.5)
 _LOSSES = {
     "ce": {},
     "uld": dict(uld_weight=1.0),
@@ -121,7 +121,7 @@ def get_config(arg=None):
       mhca_time_sigma=0.0, mhca_temperature=1.0, mhca_projection=False,
       relation_batch_share=0.0, shuffle_teacher=False, ot_time_weight=0.0,
       ot_relative_epsilon=False, ot_debiased=False,
-      ot_teacher_self_term=True)
+      ot_teacher_self_term=True, ot_inner_iterations=10, ot_momentum=1.0)
   config.loss.update(_LOSSES[arg.loss])
   if arg.loss.startswith("evl") and arg.loss != "evl_paper":
     config.optim.heads_grad_clip_norm = 1.0  # as in configs/default.py

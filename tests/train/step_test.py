@@ -63,6 +63,9 @@ def _setup(loss):
 def _run(n_dev, loss, steps=3, wrapper="pmap"):
   state, teacher_params, batch, step = _setup(loss)
   devices = jax.devices()[:n_dev]
+  # Placed as the runner places them (replicated), so that the first step's
+  # inputs carry the shardings of its outputs: one compile, not two.
+  state, teacher_params = parallel.replicate((state, teacher_params), devices)
   if wrapper == "pmap":
     p_step = parallel.pmap_train_step(step, devices=devices)
     batch = parallel.split_batch(batch, n_dev)
@@ -121,8 +124,10 @@ def test_shard_map_on_a_mesh_matches_pmap(loss, wrapper):
 def test_step_metrics_and_teacher_frozen():
   state, teacher_params, batch, step = _setup("kd")
   before = jax.tree.map(np.array, teacher_params)
-  p_step = parallel.pmap_train_step(step, devices=jax.devices()[:2])
-  new_state = state
+  devices = jax.devices()[:2]
+  p_step = parallel.pmap_train_step(step, devices=devices)
+  new_state, teacher_params = parallel.replicate((state, teacher_params),
+                                                 devices)
   for _ in range(2):  # the warmup schedule's learning rate at step 0 is 0
     new_state, metrics = p_step(new_state, teacher_params,
                                 parallel.split_batch(batch, 2))
@@ -139,7 +144,9 @@ def test_step_metrics_and_teacher_frozen():
 def test_non_finite_step_is_not_applied():
   """A NaN in the batch: params and optimizer state stay, the step counts."""
   state, teacher_params, batch, step = _setup("kd")
-  p_step = parallel.pmap_train_step(step, devices=jax.devices()[:2])
+  devices = jax.devices()[:2]
+  p_step = parallel.pmap_train_step(step, devices=devices)
+  state, teacher_params = parallel.replicate((state, teacher_params), devices)
   state, metrics = p_step(state, teacher_params,
                           parallel.split_batch(batch, 2))
   assert float(metrics["finite"]) == 1.0
