@@ -40,6 +40,9 @@ setuptools.setup(
         "tqdm>=4.66",
         "matplotlib>=3.8",  # figures of docs/results.md (kd_report).
         "tokenizers>=0.20",  # VLM tokenizers, trained at build time.
+        # jax's persistent compilation cache locks its files with it when a
+        # size limit is set (the demo's and the tests' concurrent processes).
+        "filelock>=3.12",
     ],
     extras_require={
         "dev": [

@@ -27,6 +27,10 @@ TEACHER=(--config.teacher.init="${WORKDIR}/teacher"
 # The five runs compile many of the same programs (the student's evaluation,
 # the teacher's forward): one persistent XLA cache for all of them.
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-${WORKDIR}/jax_cache}
+# A size limit turns on jax's file lock around cache reads and writes: two
+# runs at a time share the cache, and an unlocked reader can load an entry
+# the other process is still writing (an XLA abort).
+export JAX_COMPILATION_CACHE_MAX_SIZE=${JAX_COMPILATION_CACHE_MAX_SIZE:-4294967296}
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0.2}
 
 
