@@ -135,8 +135,7 @@ def get_config(arg=None):
   config.ckpt_every_steps = 4 if arg.runlocal else 500
   config.ckpt.best_metric = "validation/soft/macro_auc"
   config.data.batch_size = 8 if arg.runlocal else 32
-  if large:  # every chip on fsdp (as configs/scale.py): params sharded.
-    config.sharding.mesh_shape = (1, -1, 1)
+  config.sharding.mesh_shape = (1, -1, 1) if large else (-1, 1, 1)  # fsdp
   if arg.runlocal:  # (eval batches of one shape: one compile per model)
     config.vlm.update(vision_pretrain_steps=2, validation_records=16,
                       eval_batch_size=16, max_new_tokens=8)
