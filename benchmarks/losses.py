@@ -143,8 +143,8 @@ def _solver_rows(scale):
     cases[name] = functools.partial(fn, s)
     value, g = fn(s)
     _, iters = losses.ot.transport_plans(
-        t, s, inner_iterations=inner, momentum=omega, with_iterations=True,
-        **{k: v for k, v in kw.items() if k not in ("plan_gradient",)})
+        t, s, **{**kw, "inner_iterations": inner, "momentum": omega},
+        with_iterations=True)
     out[name] = {
         "iterations_mean": float(np.mean(iters)),
         "iterations_max": int(np.max(iters)),

@@ -67,6 +67,12 @@ class Solver(NamedTuple):
   inner_iterations: int = 10
   momentum: float = 1.0
 
+  @classmethod
+  def of(cls, threshold, max_iterations, inner_iterations, momentum):
+    """From the loss's keyword values (Python numbers, hashable)."""
+    return cls(float(threshold), int(max_iterations), int(inner_iterations),
+               float(momentum))
+
 
 def _sinkhorn(cost, a, b, epsilon, solver: Solver):
   """ott-jax's Sinkhorn output for the entropic problem (f, g, n_iters)."""
@@ -336,9 +342,8 @@ def ot_loss(teacher_tokens, student_tokens, *, epsilon, teacher_mask=None,
   t, s, a, b, tau_t, tau_s, eps = _prepared(
       teacher_tokens, student_tokens, teacher_mask, student_mask, epsilon,
       relative_epsilon, time_weight)
-  solve = dict(time_weight=float(time_weight), solver=Solver(
-      float(threshold), int(max_iterations), int(inner_iterations),
-      float(momentum)))
+  solve = dict(time_weight=float(time_weight), solver=Solver.of(
+      threshold, max_iterations, inner_iterations, momentum))
   if not debiased:
     per_sequence = jax.vmap(
         _transport_cost, in_axes=(0, 0, 0, 0, 0, 0, 0, None, None, None))(
@@ -374,9 +379,8 @@ def transport_plans(teacher_tokens, student_tokens, *, epsilon,
 
   def plan(x, y, wa, wb, tx, ty, e):
     cost = _cost(x, y, tx, ty, float(time_weight))
-    out = _sinkhorn(cost, wa, wb, e, Solver(
-        float(threshold), int(max_iterations), int(inner_iterations),
-        float(momentum)))
+    out = _sinkhorn(cost, wa, wb, e, Solver.of(
+        threshold, max_iterations, inner_iterations, momentum))
     return _plan(cost, out.f, out.g, wa, wb, e), out.n_iters
   plans, iterations = jax.lax.stop_gradient(
       jax.vmap(plan)(t, s, a, b, tau_t, tau_s, eps))
