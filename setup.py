@@ -53,6 +53,10 @@ setuptools.setup(
             *EXPORT,
         ],
         "export": EXPORT,
+        # benchmarks/torch_reference.py: an independent PyTorch version of
+        # the losses to time ours against (a large wheel; nothing else uses
+        # it).
+        "torch-reference": ["torch>=2.2"],
         # jax[tpu] pulls the libtpu wheel built for this exact jax release
         # (also what evl_ecg_jax.aot compiles with on a CPU host); gs://
         # workdirs need the GCS clients (orbax via gcsfs, TensorBoard).

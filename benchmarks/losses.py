@@ -133,15 +133,16 @@ def _solver_rows(scale):
             teacher_self_term=loss_cfg.ot_teacher_self_term)
   rng = np.random.default_rng(1)
   t, s = _smooth_tokens(rng, b, n, dt), _smooth_tokens(rng, b, m, dt)
+  # The teacher is an argument: closed over, XLA would fold its side.
   grad = lambda **k: jax.jit(jax.value_and_grad(
-      lambda s: losses.ot_loss(t, s, **{**kw, **k})))
-  ref_value, ref_grad = grad(threshold=1e-5, max_iterations=5000)(s)
+      lambda t, s: losses.ot_loss(t, s, **{**kw, **k}), argnums=1))
+  ref_value, ref_grad = grad(threshold=1e-5, max_iterations=5000)(t, s)
   cases, out = {}, {}
   for inner, omega in SOLVERS:
     name = f"inner {inner}, ω {omega}"
     fn = grad(inner_iterations=inner, momentum=omega)
-    cases[name] = functools.partial(fn, s)
-    value, g = fn(s)
+    cases[name] = functools.partial(fn, t, s)
+    value, g = fn(t, s)
     _, iters = losses.ot.transport_plans(
         t, s, **{**kw, "inner_iterations": inner, "momentum": omega},
         with_iterations=True)

@@ -54,6 +54,31 @@ def pairwise_distances(x):
   return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
 
 
+def distances_and_cosines(x, eps=1e-8):
+  """(pairwise_distances(x), cosine_matrix(x)) from one Gram matrix.
+
+  The rows are centred first (as in `squared_distances`); the uncentred
+  Gram that the cosines need is the centred one plus a rank-2 correction,
+  G = G_c + (x_c·μ) ⊕ (x_c·μ) + μ·μ, so each sequence costs one [N, N, D]
+  contraction instead of two (forward and backward).
+  """
+  mu = jnp.mean(x, axis=-2, keepdims=True)
+  xc = x - mu
+  gram_c = jnp.einsum("...id,...jd->...ij", xc, xc)
+  norm_c = jnp.sum(xc * xc, -1)
+  sq = jnp.maximum(norm_c[..., :, None] + norm_c[..., None, :] - 2.0 * gram_c,
+                   0.0)
+  sq = jnp.where(jnp.eye(x.shape[-2], dtype=bool), 0.0, sq)
+  positive = sq > 0
+  dist = jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+  shift = jnp.sum(xc * mu, -1)  # x_c,i · μ
+  mu_sq = jnp.sum(mu * mu, -1)  # [..., 1]
+  gram = (gram_c + shift[..., :, None] + shift[..., None, :]
+          + mu_sq[..., None])
+  inv = jax.lax.rsqrt(norm_c + 2.0 * shift + mu_sq + eps**2)
+  return dist, gram * inv[..., :, None] * inv[..., None, :]
+
+
 def cosine_matrix(x, eps=1e-8):
   """Cosine similarities [..., N, N] between the rows of x [..., N, D]."""
   norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps**2)

@@ -14,11 +14,15 @@ def _pair_mean(x, pairs):
       jnp.sum(pairs, axis=(-2, -1)), 1.0)
 
 
-def normalized_distances(tokens, pairs):
-  """D_ij = ‖x_i − x_j‖ / mean_{valid i≠j} ‖x_i − x_j‖ (EVL-ECG, L_D)."""
-  dist = _ops.pairwise_distances(tokens)
+def _normalized(dist, pairs):
+  """Distances divided by their mean over the valid pairs of the sequence."""
   scale = _pair_mean(dist, pairs)[:, None, None]
   return dist / jnp.maximum(scale, 1e-12)
+
+
+def normalized_distances(tokens, pairs):
+  """D_ij = ‖x_i − x_j‖ / mean_{valid i≠j} ‖x_i − x_j‖ (EVL-ECG, L_D)."""
+  return _normalized(_ops.pairwise_distances(tokens), pairs)
 
 
 def relation_loss(teacher_tokens, student_tokens, *, mask=None):
@@ -42,10 +46,11 @@ def relation_loss(teacher_tokens, student_tokens, *, mask=None):
     raise ValueError(f"relation_loss: teacher {t.shape} and student {s.shape} "
                      "must share batch and length (align the teacher first).")
   pairs = _ops.pair_mask(mask, t.shape[1])
-  loss_d = _pair_mean((normalized_distances(t, pairs)
-                       - normalized_distances(s, pairs)) ** 2, pairs)
-  loss_a = _pair_mean((_ops.cosine_matrix(t) - _ops.cosine_matrix(s)) ** 2,
-                      pairs)
+  (dist_t, cos_t), (dist_s, cos_s) = (_ops.distances_and_cosines(x)
+                                      for x in (t, s))
+  loss_d = _pair_mean((_normalized(dist_t, pairs)
+                       - _normalized(dist_s, pairs)) ** 2, pairs)
+  loss_a = _pair_mean((cos_t - cos_s) ** 2, pairs)
   return jnp.mean(0.5 * (loss_d + loss_a))
 
 

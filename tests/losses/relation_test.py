@@ -105,3 +105,15 @@ def test_large_inputs_and_single_token_masks_stay_finite():
     assert np.isfinite(float(value))
     assert all(np.all(np.isfinite(g)) for g in grads)
   assert float(f(t, s, one)) == 0.0  # no pair i != j left
+
+
+@pytest.mark.parametrize("offset", [0.0, 100.0])
+def test_far_from_the_origin_matches_the_float64_reference(offset):
+  """relation_loss takes distances and cosines from one centred Gram
+  matrix: tokens far from the origin with a small spread (cosines near 1,
+  distances much smaller than the norms) still match numpy in float64."""
+  t, s = _tokens(5, n=16, dt=32, ds=24)
+  t, s = t + offset, 0.3 * s + offset
+  assert float(losses.relation_loss(t.astype(np.float32),
+                                    s.astype(np.float32))) == pytest.approx(
+                                        relation_loss_np(t, s), rel=1e-4)
