@@ -165,7 +165,7 @@ def test_micro_batches_interleave_rows():
 def test_boxed_state_keeps_logical_axes_for_sharding():
   config = _config()
   model = models.get(config.student, 5)
-  tx = tx or optim.make(config.optim, total_steps=10)
+  tx = optim.make(config.optim, total_steps=10)
   x = jnp.zeros((1, 1000, 12))
   abstract = jax.eval_shape(loop.state_initializer(model, tx, config, x),
                             jax.random.PRNGKey(0))
