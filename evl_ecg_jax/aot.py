@@ -143,8 +143,8 @@ def compile_step(config, topology_name: str, batch_size: int = 0,
   lowered = step.lower(target, run.teacher_target(teacher_abstract),
                        run.batch_target(shapes))
   lowered_at = time.perf_counter()
-  count = lambda abstract: int(sum(
-      x.size for x in jax.tree.leaves(abstract["params"])))
+  count = lambda abstract: 0 if abstract is None else int(sum(
+      x.size for x in jax.tree.leaves(abstract["params"])))  # None: no teacher
   report = {"topology": topology_name, "chips": topo.num_chips,
             "accelerator_type": topo.accelerator_type,
             "mesh": dict(run.mesh.shape), "batch_size": batch,
@@ -192,11 +192,12 @@ def _flops(config, batch, student, teacher, objective, task,
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from evl_ecg_jax import models  # pylint: disable=g-import-not-at-top
-  s_fwd, t_fwd = (models.flops_per_example(
+  s_fwd, t_fwd = (0 if m is None else models.flops_per_example(
       m, inputs=task.inputs(example if isinstance(example, dict) else
                             {"ecg": example}, role))
                   for m, role in ((student, "student"), (teacher, "teacher")))
-  if isinstance(example, dict):  # a VLM: the forwards only.
+  if isinstance(example, dict) or teacher is None:
+    # A VLM, or the task loss alone: the forwards only.
     return {"model_flops_per_step": batch * (3 * s_fwd + t_fwd),
             "student_fwd_flops_per_example": s_fwd,
             "teacher_fwd_flops_per_example": t_fwd}
@@ -239,7 +240,9 @@ def format_report(r: dict) -> str:
   scanned = [k for k, v in r["scan"].items() if v]
   lines = [f"{r['topology']} ({r['accelerator_type']}, {r['chips']} chips), "
            f"mesh {r['mesh']}, global batch {r['batch_size']}",
-           f"teacher {_count(r['teacher_params'])} params (frozen), student "
+           (f"teacher {_count(r['teacher_params'])} params (frozen), "
+            if r["teacher_params"] else "no teacher (task loss only), ") +
+           "student "
            f"{_count(r['student_params'])}; scanned stacks: "
            f"{', '.join(scanned) or 'none'}; lowered in {r['lower_s']:.0f} s,"
            f" compiled in {r['compile_s']:.0f} s"]

@@ -51,6 +51,16 @@ def test_a_step_that_does_not_fit_fails_clearly(tmp_path):
   assert "DOES NOT FIT" in res.stdout
 
 
+def test_task_only_step_compiles_without_a_teacher(tmp_path):
+  res, report = _aot(tmp_path, config="configs/scale.py:pair=tiny,batch=8,"
+                     "loss=ce")
+  assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+  assert report["fits"] and report["teacher_params"] == 0
+  assert report["model_flops_per_step"] == (
+      8 * 3 * report["student_fwd_flops_per_example"])
+  assert "no teacher (task loss only)" in res.stdout
+
+
 def test_max_batch_search_brackets_the_budget(tmp_path):
   # Scanned stacks; a budget that the tiny pair exceeds between 8 and 512.
   res, report = _aot(tmp_path, "--max_batch", "--hbm_gib=0.02",
