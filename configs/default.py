@@ -15,8 +15,9 @@ evl_paper (the paper's formulation)|evl_no_mhca|evl_no_rel|evl_no_ot|
 evl_shuffled (EVL fed another record's teacher: the control),
 data=synthetic|synthetic500|synthetic_tiny|ptbxl|ptbxl500,
 folds=standard|shared (PTB-XL: train 1-8/val 9/test 10, or 1-7/8/9 for the
-shared subset), parallel=pmap|spmd (data-parallel pmap, or jit on a sharded
-data x fsdp x tensor mesh; docs/scale.md), runlocal (a few steps on tiny
+shared subset), parallel=pmap|spmd|shard_map (data-parallel pmap, jit on a
+sharded data x fsdp x tensor mesh (docs/scale.md), or pmap's step under
+jit + shard_map on a data-only mesh), runlocal (a few steps on tiny
 data, for smoke tests).
 
 Real data is read from the official layout, never copied: e.g.
@@ -305,7 +306,9 @@ def get_config(arg=None):
   # A mesh axis of size -1 takes the remaining devices.
   # pmap: the step per device, state replicated (data parallel). spmd: the
   # same step under jit on the mesh below, params / optimizer state / the
-  # frozen teacher sharded by the rules (FSDP, tensor parallel).
+  # frozen teacher sharded by the rules (FSDP, tensor parallel). shard_map:
+  # pmap's step (named-axis collectives) under jit on the mesh below, which
+  # must then be data-only (train/runner.py).
   config.parallel = arg.parallel
   # Micro-batches per step (gradients averaged in f32): data.batch_size is
   # the global batch of one update.

@@ -14,7 +14,7 @@ from typing import Any
 import ml_collections
 
 MODES = ("train_teacher", "distill", "evaluate")
-PARALLEL = ("pmap", "spmd")
+PARALLEL = ("pmap", "spmd", "shard_map")
 
 
 class ConfigError(ValueError):
@@ -100,7 +100,8 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int,
     check_batch(config, num_devices, 1)
   else:
     require(not config.teacher.cache_features, "teacher.cache_features",
-             config.teacher.cache_features, "False with parallel='spmd' (the "
+             config.teacher.cache_features, f"False with parallel="
+             f"{config.parallel!r} (the "
              "cache is written by a pmapped, replicated teacher)")
   require(0.0 <= config.loss.alpha <= 1.0, "loss.alpha", config.loss.alpha,
            "α in [0, 1]")

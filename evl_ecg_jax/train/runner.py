@@ -7,8 +7,13 @@
         tensor` mesh (`config.sharding`): params, optimizer state and the
         frozen teacher sharded by the models' logical axes (FSDP / tensor
         parallel), the batch split over the "batch" rule's mesh axes.
+  shard_map  pmap's step (its named-axis collectives: gradients `pmean`ed
+        over "data") under `jit` + `jax.shard_map` on the config's mesh,
+        which must be data-parallel only (fsdp = tensor = 1): state and
+        teacher replicated, the batch split over "data". Placement,
+        prediction and diagnostics are spmd's.
 
-Both give the same losses and updates (tests/train/parallel_modes_test.py).
+All give the same losses and updates (tests/train/parallel_modes_test.py).
 A runner owns placement only: init, restore targets, batches, prediction.
 """
 
@@ -163,6 +168,34 @@ class Spmd:
         params, teacher_params, self.put_batch(batch)))
 
 
+class ShardMap(Spmd):
+  """Spmd's placement on a data-only mesh; the step under shard_map."""
+
+  name = "shard_map"
+
+  def __init__(self, mesh, rules):
+    model_axes = {a: n for a, n in mesh.shape.items() if a != parallel.AXIS}
+    if any(n != 1 for n in model_axes.values()):
+      raise ValueError(
+          f"config.sharding.mesh_shape gives {dict(mesh.shape)}: "
+          "parallel='shard_map' runs the data-parallel step (state "
+          f"replicated), so every axis but {parallel.AXIS!r} must be 1 "
+          "(parallel='spmd' shards params).")
+    super().__init__(mesh, rules)
+
+  def train_step(self, step_fn, state_like, teacher_abstract=None):
+    """`step_fn(..., axis_name="data")` per device under shard_map.
+
+    check_vma is off: ott-jax's Sinkhorn does not type-check under it (see
+    `parallel.shard_map_train_step`); the step averages its gradients
+    exactly once either way (tests/train/step_test.py compares with pmap).
+    """
+    del state_like, teacher_abstract
+    return parallel.shard_map_train_step(
+        functools.partial(step_fn, axis_name=parallel.AXIS), self.mesh,
+        check_vma=False)
+
+
 def _with_shardings(abstract_boxed, shardings):
   """The unboxed ShapeDtypeStructs of a boxed abstract tree, each carrying
   its sharding."""
@@ -188,9 +221,10 @@ def make(config, devices=None):
   """
   if config.parallel == "pmap":
     return Pmap()
-  if config.parallel == "spmd":
+  if config.parallel in ("spmd", "shard_map"):
     mesh = parallel.make_mesh(config.sharding.mesh_axes,
                               config.sharding.mesh_shape, devices=devices)
-    return Spmd(mesh, config.sharding.rules)
-  raise ValueError(f"config.parallel={config.parallel!r}: expected 'pmap' "
-                   "or 'spmd'.")
+    return (Spmd if config.parallel == "spmd" else ShardMap)(
+        mesh, config.sharding.rules)
+  raise ValueError(f"config.parallel={config.parallel!r}: expected 'pmap', "
+                   "'spmd' or 'shard_map'.")

@@ -1,10 +1,10 @@
-"""parallel=pmap and parallel=spmd run the same step to the same numbers.
+"""parallel=pmap, spmd and shard_map run the same step to the same numbers.
 
 The runners of train/runner.py (the code `fit` uses) on 8 fake devices:
 pmap (replicated), spmd on a data x fsdp x tensor mesh (params, optimizer
-state and the frozen teacher sharded) and a single device agree on losses
-and updated params for the EVL objective; gradient accumulation equals the
-whole batch.
+state and the frozen teacher sharded), shard_map (pmap's step under jit on
+a data-only mesh) and a single device agree on losses and updated params
+for the EVL objective; gradient accumulation equals the whole batch.
 
 The EVL parity runs two examples per device (16 on 8 devices), with the
 exact (implicit) Sinkhorn gradient: its adjoint is solved by conjugate
@@ -96,10 +96,10 @@ def _assert_same(a, b, rtol=1e-4, param_atol=1e-5):
                                  atol=param_atol), params_b, params_a)
 
 
-def _spmd(shape=(4, 2, 1)):
+def _spmd(shape=(4, 2, 1), runner=runner_lib.Spmd):
   config = _config()
   mesh = parallel.make_mesh(config.sharding.mesh_axes, shape)
-  return runner_lib.Spmd(mesh, config.sharding.rules)
+  return runner(mesh, config.sharding.rules)
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +114,10 @@ def test_pmap_and_spmd_match_one_device_for_evl(single_device):
   assert jax.device_count() == 8
   pmap = _run(runner_lib.Pmap(), loss=EVL, tx=SGD)
   spmd = _run(_spmd(), loss=EVL, tx=SGD)
+  shard_map = _run(_spmd((8, 1, 1), runner_lib.ShardMap), loss=EVL, tx=SGD)
   _assert_same(single_device, pmap)
   _assert_same(single_device, spmd)
+  _assert_same(single_device, shard_map)
   assert set(single_device[1][0]) >= {"mhca", "relation", "ot", "kd", "ce"}
   assert single_device[1][-1]["loss"] < single_device[1][0]["loss"]
 
@@ -126,6 +128,12 @@ def test_tensor_parallel_matches_pmap_for_kd():
   # turns that float noise into ~1e-5 on a few params after 3 steps.
   _assert_same(_run(runner_lib.Pmap()), _run(_spmd((2, 2, 2))),
                param_atol=1e-4)
+
+
+def test_shard_map_needs_a_data_only_mesh():
+  with pytest.raises(ValueError, match=r"config.sharding.mesh_shape .* must "
+                     r"be 1"):
+    _spmd((4, 2, 1), runner_lib.ShardMap)
 
 
 def test_spmd_shards_params_optimizer_state_and_teacher():

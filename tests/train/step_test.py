@@ -107,8 +107,10 @@ def test_eight_devices_match_one(loss):
   assert hist1[-1]["loss"] < hist1[0]["loss"]  # the step does optimise
 
 
+# The default suite runs parallel=shard_map (the runner, unchecked) in
+# tests/train/parallel_modes_test.py's EVL parity.
 @pytest.mark.parametrize("loss,wrapper", [
-    ("kd", "shard_map"),
+    pytest.param("kd", "shard_map", marks=pytest.mark.slow),
     pytest.param("kd", "shard_map_unchecked", marks=pytest.mark.slow),
     # EVL's parity across devices runs by default in parallel_modes_test.
     pytest.param("evl", "shard_map_unchecked", marks=pytest.mark.slow)])
