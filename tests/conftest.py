@@ -29,8 +29,9 @@ if (os.environ.get("EVL_TEST_JAX_CACHE", "1") != "0"
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
   # A size limit turns on jax's file lock around cache reads and writes;
-  # without it a process can read an entry another is still writing (a
-  # worker aborted in XLA that way in a `make test-avx2` run).
+  # without it a process can read an entry another is still writing. (It
+  # was added after a worker aborted in XLA; that abort came back with the
+  # lock, see train/trainer.py _IN_FLIGHT.)
   os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)
 
 import csv  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position

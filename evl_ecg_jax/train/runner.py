@@ -188,7 +188,8 @@ class ShardMap(Spmd):
 
     check_vma is off: ott-jax's Sinkhorn does not type-check under it (see
     `parallel.shard_map_train_step`); the step averages its gradients
-    exactly once either way (tests/train/step_test.py compares with pmap).
+    exactly once either way (tests/train/parallel_modes_test.py compares it
+    with pmap, spmd and one device).
     """
     del state_like, teacher_abstract
     return parallel.shard_map_train_step(

@@ -21,8 +21,6 @@ from evl_ecg_jax.log import MetricWriter
 from evl_ecg_jax.train import guards
 from evl_ecg_jax.train import optim
 
-
-
 # Steps dispatched ahead of the host: each queued step holds its batch on
 # the devices, and with logging every few hundred steps nothing else bounds
 # the queue. Two fresh-clone test runs aborted inside XLA:CPU while 150
@@ -30,6 +28,7 @@ from evl_ecg_jax.train import optim
 # logged once at its end); a bounded queue keeps the device busy all the
 # same (one step running, the next queued).
 _IN_FLIGHT = 2
+
 
 def _restore_or_init(ckpt, run, init, batches, rng):
   """(state, its target): the latest checkpoint (and the data iterator's
