@@ -48,13 +48,8 @@ def pairwise_distances(x):
   Gradient-safe square root: the diagonal is exactly 0 with a zero (not
   NaN) gradient, and so is any pair whose squared distance rounds to 0.
   """
-  return _distances_from_squares(squared_distances(x, x))
-
-
-def _distances_from_squares(sq):
-  """sqrt of squared pairwise distances [..., N, N], the diagonal (and any
-  pair rounding to 0) exactly 0 with a zero gradient."""
-  sq = jnp.where(jnp.eye(sq.shape[-1], dtype=bool), 0.0, sq)
+  sq = squared_distances(x, x)
+  sq = jnp.where(jnp.eye(x.shape[-2], dtype=bool), 0.0, sq)
   positive = sq > 0
   return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
 
@@ -71,8 +66,11 @@ def distances_and_cosines(x, eps=1e-8):
   xc = x - mu
   gram_c = jnp.einsum("...id,...jd->...ij", xc, xc)
   norm_c = jnp.sum(xc * xc, -1)
-  dist = _distances_from_squares(jnp.maximum(
-      norm_c[..., :, None] + norm_c[..., None, :] - 2.0 * gram_c, 0.0))
+  sq = jnp.maximum(norm_c[..., :, None] + norm_c[..., None, :] - 2.0 * gram_c,
+                   0.0)
+  sq = jnp.where(jnp.eye(x.shape[-2], dtype=bool), 0.0, sq)
+  positive = sq > 0
+  dist = jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
   shift = jnp.sum(xc * mu, -1)  # x_c,i · μ
   mu_sq = jnp.sum(mu * mu, -1)  # [..., 1]
   gram = (gram_c + shift[..., :, None] + shift[..., None, :]
