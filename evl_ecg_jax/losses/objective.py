@@ -172,10 +172,12 @@ class Objective:
     return "relation" in self.weights and self.relation_batch_share > 0
 
   def init_heads(self, rng, student_feats, teacher_feats):
-    """Params of the learned heads (None without heads), from feature shapes."""
+    """Params of the learned heads (None without heads), from feature shapes
+    (one compiled program: op by op took 3.5 s for the EVL heads on CPU)."""
     if self.heads is None:
       return None
-    return self.heads.init(rng, student_feats, teacher_feats)["params"]
+    return jax.jit(self.heads.init)(rng, student_feats,
+                                    teacher_feats)["params"]
 
   def distill_terms(self, head_params, student_out, teacher_out, labels=None,
                     label_mask=None, masks=None):

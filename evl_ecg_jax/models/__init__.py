@@ -56,8 +56,12 @@ def get(model_cfg: Mapping[str, Any], num_classes: int, *,
 
 
 def init_params(model: nn.Module, rng, example_ecg):
-  """Initialised params as plain arrays (logical-axis metadata dropped)."""
-  return nn.meta.unbox(model.init(rng, example_ecg))["params"]
+  """Initialised params as plain arrays (logical-axis metadata dropped).
+
+  Compiled as one program: op by op, each initialiser and layer is its own
+  compile (cnn1d tiny on CPU: 3.7 s eager, 0.8 s jitted).
+  """
+  return nn.meta.unbox(jax.jit(model.init)(rng, example_ecg))["params"]
 
 
 def abstract_variables(model: nn.Module, input_shape: Sequence[int]):

@@ -62,43 +62,40 @@ def _cos(a, b):
       jnp.linalg.norm(a) * jnp.linalg.norm(b), 1e-30)
 
 
-def _after(x, y):
-  """`x`, made to wait for `y`: XLA runs the two computations in order.
+def term_gradients(params, batch, teacher_out, *, model, objective, task):
+  """({term: value}, {term: encoder gradient vector}, the same two with the
+  teacher's outputs shuffled, student outputs); "ce" is the task term.
 
-  Independent backward passes through the paper's implicit OT gradient,
-  run concurrently by XLA:CPU in one program, were seen to deadlock (every
-  thread idle); the diagnostics therefore run their passes one by one.
+  One student forward (eval mode: no dropout, so matched and shuffled
+  teachers see the same student) feeds both objectives; one backward per
+  (term, teacher) pair pulls a one-hot cotangent through the same vjp. The
+  backwards run in a lax.map: traced and compiled once, and run one after
+  another (independent backward passes through the paper's implicit OT
+  gradient, run concurrently by XLA:CPU in one program, were seen to
+  deadlock with every thread idle).
   """
-  return jax.lax.optimization_barrier((x, y))[0]
-
-
-def term_gradients(params, batch, teacher_out, *, model, objective, task,
-                   after=None):
-  """({term: value}, {term: encoder gradient vector}, student outputs).
-
-  One student forward, one backward per term (vjp with one-hot cotangents),
-  in sequence (and after `after`, if given); "ce" is the task term. Eval
-  mode (no dropout), so matched and shuffled teachers see the same student.
-  """
-  if after is not None:
-    teacher_out = _after(teacher_out, after)
   args, kwargs = task.inputs(batch, "student")
+  shuffled = dataclasses.replace(objective,
+                                 teacher_shift=objective.teacher_shift + 1)
+  heads = params.get("heads")
 
   def terms_of(model_params):
     out = model.apply({"params": model_params}, *args, train=False,
                       taps=objective.model_taps("student"), **kwargs)
-    _, terms = task.loss(objective, params.get("heads"), out, teacher_out,
-                         batch)
-    return terms, out
+    both = tuple(task.loss(o, heads, out, teacher_out, batch)[1]
+                 for o in (objective, shuffled))
+    return both, out
 
-  terms, vjp, out = jax.vjp(terms_of, params["model"], has_aux=True)
-  grads, previous = {}, terms
-  for name in terms:
-    cotangent = {k: jnp.zeros_like(v) for k, v in terms.items()}
-    cotangent[name] = jnp.ones_like(terms[name])
-    grads[name] = previous = _encoder_vector(vjp(_after(cotangent,
-                                                        previous))[0])
-  return terms, grads, out
+  values, vjp, out = jax.vjp(terms_of, params["model"], has_aux=True)
+  leaves, treedef = jax.tree.flatten(values)
+
+  def gradient(one_hot):
+    cotangent = [h * jnp.ones_like(v) for h, v in zip(one_hot, leaves)]
+    return _encoder_vector(vjp(jax.tree.unflatten(treedef, cotangent))[0])
+
+  rows = jax.lax.map(gradient, jnp.eye(len(leaves), dtype=jnp.float32))
+  grads = jax.tree.unflatten(treedef, list(rows))
+  return values[0], grads[0], values[1], grads[1], out
 
 
 def linear_cka(x, y):
@@ -184,12 +181,8 @@ def diagnostics(params, teacher_params, batch, *, model, teacher, objective,
   """{name: scalar} for this device's batch (see the module docstring)."""
   t_out = step_lib.teacher_outputs(teacher, teacher_params, batch,
                                    objective.model_taps("teacher"), task)
-  kw = dict(model=model, objective=objective, task=task)
-  terms, grads, s_out = term_gradients(params, batch, t_out, **kw)
-  shifted = dataclasses.replace(objective,
-                                teacher_shift=objective.teacher_shift + 1)
-  terms_sh, grads_sh, _ = term_gradients(params, batch, t_out, after=grads,
-                                         **dict(kw, objective=shifted))
+  terms, grads, terms_sh, grads_sh, s_out = term_gradients(
+      params, batch, t_out, model=model, objective=objective, task=task)
   weights = objective.term_weights
   task_grad = (1.0 - objective.alpha) * grads["ce"]
   out = {}

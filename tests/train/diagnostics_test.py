@@ -43,17 +43,22 @@ def _setup(loss_kwargs, same_records=False):
     ecg[:] = ecg[:1]
   batch = {"ecg": ecg,
            "labels": (rng.random((B, C)) < 0.4).astype(np.float32)}
-  x = jnp.asarray(ecg[:1])
   objective = losses.make_objective(**loss_kwargs)
-  params = {"model": models.init_params(model, jax.random.PRNGKey(0), x)}
-  teacher_params = models.init_params(teacher, jax.random.PRNGKey(1), x)
-  if objective.heads is not None:
-    params["heads"] = objective.init_heads(
-        jax.random.PRNGKey(2),
-        model.apply({"params": params["model"]}, x,
-                    taps=objective.model_taps("student"))[1],
-        teacher.apply({"params": teacher_params}, x,
-                      taps=objective.model_taps("teacher"))[1])
+
+  @jax.jit
+  def init(x):  # one compile (op by op, the init and taps took 7 s)
+    params = {"model": models.init_params(model, jax.random.PRNGKey(0), x)}
+    teacher_params = models.init_params(teacher, jax.random.PRNGKey(1), x)
+    if objective.heads is not None:
+      params["heads"] = objective.init_heads(
+          jax.random.PRNGKey(2),
+          model.apply({"params": params["model"]}, x,
+                      taps=objective.model_taps("student"))[1],
+          teacher.apply({"params": teacher_params}, x,
+                        taps=objective.model_taps("teacher"))[1])
+    return params, teacher_params
+
+  params, teacher_params = init(jnp.asarray(ecg[:1]))
   return model, teacher, objective, params, teacher_params, batch
 
 
