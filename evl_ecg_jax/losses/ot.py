@@ -292,6 +292,17 @@ def _prepared(teacher_tokens, student_tokens, teacher_mask, student_mask,
   return t, s, a, b, tau_t, tau_s, eps
 
 
+# Both entry points compile as one program when called on their own
+# (ott-jax's solver op by op took 8.5 s for a 2 × 9 × 6 float64 problem,
+# jitted 3.6 s); inside a jitted step they are inlined. Every argument but
+# the tokens and masks is a Python setting: static.
+_SETTINGS = ("epsilon", "plan_gradient", "threshold", "max_iterations",
+             "time_weight", "relative_epsilon", "debiased",
+             "teacher_self_term", "inner_iterations", "momentum",
+             "with_iterations")
+
+
+@functools.partial(jax.jit, static_argnames=_SETTINGS[:-1])
 def ot_loss(teacher_tokens, student_tokens, *, epsilon, teacher_mask=None,
             student_mask=None, plan_gradient="implicit", threshold=1e-4,
             max_iterations=2000, time_weight=0.0, relative_epsilon=False,
@@ -359,6 +370,7 @@ def ot_loss(teacher_tokens, student_tokens, *, epsilon, teacher_mask=None,
   return jnp.mean(cross - 0.5 * self_t - 0.5 * self_s)
 
 
+@functools.partial(jax.jit, static_argnames=_SETTINGS)
 def transport_plans(teacher_tokens, student_tokens, *, epsilon,
                     teacher_mask=None, student_mask=None, threshold=1e-4,
                     max_iterations=2000, time_weight=0.0,
