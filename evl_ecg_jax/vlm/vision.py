@@ -44,10 +44,10 @@ def pretrain(model: vlm_lib.ECGVLM, batches: Iterator, *, steps: int,
   batches {"image", "labels"}."""
   probe = LabelProbe(model, num_classes)
   first = next(batches)
-  params = nn.meta.unbox(probe.init(jax.random.PRNGKey(seed),
-                                    first["image"]))["params"]
+  params = nn.meta.unbox(jax.jit(probe.init)(  # one program, not op by op
+      jax.random.PRNGKey(seed), jnp.asarray(first["image"])))["params"]
   tx = optax.adam(learning_rate)
-  opt_state = tx.init(params)
+  opt_state = jax.jit(tx.init)(params)
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(params, opt_state, image, labels):
