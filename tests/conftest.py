@@ -103,10 +103,10 @@ def tfds_dir(tmp_path_factory):
 # to 30 s) go first and the many short files fill in behind them instead
 # of one long file finishing alone at the end.
 _LONGEST_FIRST = (
-    "losses/ot_test.py", "vlm/fit_test.py", "train/preemption_test.py",
+    "losses/ot_test.py", "train/preemption_test.py",
     "train/parallel_modes_test.py", "export/export_test.py",
     "losses/evl_test.py", "smoke_test.py", "train/diagnostics_test.py",
-    "models/models_test.py", "train/transfer_test.py",
+    "vlm/fit_test.py", "models/models_test.py", "train/transfer_test.py",
     "losses/baselines_test.py", "models/decoder_test.py",
     "models/vlm_test.py", "launch/launch_test.py",
     "train/multiprocess_test.py", "data/ptbxl_test.py")

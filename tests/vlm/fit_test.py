@@ -19,6 +19,7 @@ from evl_ecg_jax import config as config_lib
 from evl_ecg_jax import losses
 from evl_ecg_jax.data import synthetic
 from evl_ecg_jax.models import vlm as vlm_lib
+from evl_ecg_jax.train import diagnostics as diag_lib
 from evl_ecg_jax.train import loop
 from evl_ecg_jax.train import state as state_lib
 from evl_ecg_jax.train import step as step_lib
@@ -86,23 +87,22 @@ def _models(toks):
   return t, s
 
 
-# Slow (~40 s each): the pipeline test below trains the configured EVL
-# across the two tokenizers; ULD's loss is checked against numpy with two
-# vocabularies in tests/losses/baselines_test.py.
-@pytest.mark.slow
-@pytest.mark.parametrize("variant", ["paper", "evl_uld"])
-def test_cross_tokenizer_evl_loss_is_finite_with_gradients(toks, variant):
-  teacher, student = _models(toks)
-  batch = {k: jnp.asarray(v) for k, v in _batch(toks).items() if k != "id"}
+def _objective(variant):
   if variant == "paper":
-    objective = losses.make_objective(
+    return losses.make_objective(
         alpha=0.5, mhca_weight=1.0, relation_weight=1.0, ot_weight=1.0,
         uld_weight=1.0, student_hidden_tap="hidden",
         teacher_hidden_tap="hidden", student_ot_tap="visual",
         teacher_ot_tap="visual", mhca_heads=2)
-  else:  # the configured redesign: batch relations on pooled LM states
-    objective = losses.make_objective(
-        **vlm_config.get_config(f"loss={variant}").loss)
+  # the configured redesign: batch relations on pooled LM states
+  return losses.make_objective(**vlm_config.get_config(f"loss={variant}").loss)
+
+
+def _distillation(toks, objective):
+  """(teacher, student, batch, student params with heads, teacher params)
+  of the tiny pair on two records, initialised as training does."""
+  teacher, student = _models(toks)
+  batch = {k: jnp.asarray(v) for k, v in _batch(toks).items() if k != "id"}
   task = task_lib.VLMTask()
   init = loop.state_initializer(student, optax.adam(1e-3), None, batch,
                                 objective, teacher, task)
@@ -110,6 +110,19 @@ def test_cross_tokenizer_evl_loss_is_finite_with_gradients(toks, variant):
       init(jax.random.PRNGKey(0)).params))
   t_args, t_kw = task.inputs(batch, "teacher")
   t_params = teacher.init(jax.random.PRNGKey(1), *t_args, **t_kw)["params"]
+  return teacher, student, batch, params, t_params
+
+
+# Slow (~40 s each): the default test below checks the configured EVL (its
+# terms, gradients and diagnostics) across the two tokenizers; ULD's loss is
+# checked against numpy with two vocabularies in
+# tests/losses/baselines_test.py.
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["paper", "evl_uld"])
+def test_cross_tokenizer_evl_loss_is_finite_with_gradients(toks, variant):
+  objective = _objective(variant)
+  task = task_lib.VLMTask()
+  teacher, student, batch, params, t_params = _distillation(toks, objective)
   t_out = step_lib.teacher_outputs(teacher, t_params, batch,
                                    objective.model_taps("teacher"), task)
   # Teacher and student sequences differ in length and vocabulary.
@@ -130,6 +143,26 @@ def test_cross_tokenizer_evl_loss_is_finite_with_gradients(toks, variant):
   norms = {k: float(optax.global_norm(v)) for k, v in grads["model"].items()}
   assert all(np.isfinite(v) and v > 0 for v in norms.values()), norms
   assert float(optax.global_norm(grads["heads"])) > 0
+
+
+def test_configured_evl_diagnoses_the_cross_tokenizer_pair(toks):
+  """The configured VLM EVL (configs/vlm.py loss=evl) through the
+  distillation diagnostics, as a VLM run logs them at validation: every
+  term sends the student's encoder a gradient (share > 0), each reads the
+  teacher; hidden states and OT tokens are compared, token logits over two
+  vocabularies are not."""
+  objective = _objective("evl")
+  teacher, student, batch, params, t_params = _distillation(toks, objective)
+  out = jax.jit(functools.partial(
+      diag_lib.diagnostics, model=student, teacher=teacher,
+      objective=objective, task=task_lib.VLMTask()))(params, t_params, batch)
+  for term in ("mhca", "relation", "ot"):
+    assert float(out[f"grad_share/{term}"]) > 0.0, term
+    assert -1.0 <= float(out[f"teacher_grad_cos/{term}"]) <= 1.0, term
+  assert {"cka/hidden", "ot/plan_perplexity",
+          "mhca/attention_entropy"} <= set(out)
+  assert "cka/logits" not in out
+  assert all(np.isfinite(float(v)) for v in out.values())
 
 
 def test_tiny_vlm_overfits_a_handful_of_examples(toks):
@@ -188,8 +221,11 @@ def test_vlm_configs_check_before_compiling():
     vlm_config.get_config("size=3b")
 
 
-# ~45 s: two trainings, generation, evaluation; the only default test of
-# the VLM distillation run with its diagnostics.
+# Slow (45-90 s): two trainings, generation, evaluation. The default suite
+# checks the pieces: the configured EVL with its diagnostics (above), the
+# VLM's training and generation (overfitting, above), evaluation
+# (evaluate_test.py), config checks (below).
+@pytest.mark.slow
 def test_pipeline_trains_teacher_then_student_and_reports(tfds_dir,
                                                           tmp_path):
   """The documented command (runlocal): teacher, then student, both
