@@ -298,11 +298,10 @@ def _prepared(teacher_tokens, student_tokens, teacher_mask, student_mask,
 # the tokens and masks is a Python setting: static.
 _SETTINGS = ("epsilon", "plan_gradient", "threshold", "max_iterations",
              "time_weight", "relative_epsilon", "debiased",
-             "teacher_self_term", "inner_iterations", "momentum",
-             "with_iterations")
+             "teacher_self_term", "inner_iterations", "momentum")
 
 
-@functools.partial(jax.jit, static_argnames=_SETTINGS[:-1])
+@functools.partial(jax.jit, static_argnames=_SETTINGS)
 def ot_loss(teacher_tokens, student_tokens, *, epsilon, teacher_mask=None,
             student_mask=None, plan_gradient="implicit", threshold=1e-4,
             max_iterations=2000, time_weight=0.0, relative_epsilon=False,
@@ -370,7 +369,8 @@ def ot_loss(teacher_tokens, student_tokens, *, epsilon, teacher_mask=None,
   return jnp.mean(cross - 0.5 * self_t - 0.5 * self_s)
 
 
-@functools.partial(jax.jit, static_argnames=_SETTINGS)
+@functools.partial(jax.jit,
+                   static_argnames=_SETTINGS + ("with_iterations",))
 def transport_plans(teacher_tokens, student_tokens, *, epsilon,
                     teacher_mask=None, student_mask=None, threshold=1e-4,
                     max_iterations=2000, time_weight=0.0,

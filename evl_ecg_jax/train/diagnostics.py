@@ -64,7 +64,8 @@ def _cos(a, b):
 
 def term_gradients(params, batch, teacher_out, *, model, objective, task):
   """({term: value}, {term: encoder gradient vector}, the same two with the
-  teacher's outputs shuffled, student outputs); "ce" is the task term.
+  teacher's outputs shuffled (distillation terms only), student outputs);
+  "ce" is the task term.
 
   One student forward (eval mode: no dropout, so matched and shuffled
   teachers see the same student) feeds both objectives; one backward per
@@ -82,9 +83,10 @@ def term_gradients(params, batch, teacher_out, *, model, objective, task):
   def terms_of(model_params):
     out = model.apply({"params": model_params}, *args, train=False,
                       taps=objective.model_taps("student"), **kwargs)
-    both = tuple(task.loss(o, heads, out, teacher_out, batch)[1]
-                 for o in (objective, shuffled))
-    return both, out
+    matched = task.loss(objective, heads, out, teacher_out, batch)[1]
+    other = task.loss(shuffled, heads, out, teacher_out, batch)[1]
+    other.pop("ce")  # reads no teacher: its gradient is matched["ce"]'s
+    return (matched, other), out
 
   values, vjp, out = jax.vjp(terms_of, params["model"], has_aux=True)
   leaves, treedef = jax.tree.flatten(values)

@@ -69,11 +69,16 @@ def whole(tfds_dir, tmp_path_factory):
   return workdir
 
 
-def _wait_for_step(proc, workdir, step):
+def _wait_until(proc, done):
+  """Polls `done()` while the run is alive (at most 5 min)."""
   deadline = time.time() + 300
-  while len(_logged_steps(workdir)) < step and time.time() < deadline:
+  while not done() and time.time() < deadline:
     assert proc.poll() is None, _output(proc)[-3000:]
     time.sleep(0.05)
+
+
+def _wait_for_step(proc, workdir, step):
+  _wait_until(proc, lambda: len(_logged_steps(workdir)) >= step)
 
 
 def _wait_for_a_save_after(proc, workdir, step):
@@ -81,11 +86,7 @@ def _wait_for_a_save_after(proc, workdir, step):
   when the run is already steps further. Waits until one after `step` has
   finished, so that a kill after it leaves a checkpoint to resume from (a
   later save may still be cut mid-way)."""
-  deadline = time.time() + 300
-  while (checkpoint.latest_step(workdir) or 0) <= step and (
-      time.time() < deadline):
-    assert proc.poll() is None, _output(proc)[-3000:]
-    time.sleep(0.05)
+  _wait_until(proc, lambda: (checkpoint.latest_step(workdir) or 0) > step)
 
 
 def test_sigterm_then_sigkill_both_resume_exactly(whole, tfds_dir, tmp_path):
