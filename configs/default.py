@@ -313,6 +313,13 @@ def get_config(arg=None):
   # Micro-batches per step (gradients averaged in f32): data.batch_size is
   # the global batch of one update.
   config.grad_accum_steps = 1
+  # XLA's optimization level for the train step ('' = XLA's default; 'O0'..
+  # 'O3'), under spmd and shard_map (jax.pmap takes no compiler options).
+  # On TPU the default spends most of a compile searching tilings for each
+  # matmul: 'O1' compiled the 7B -> 2B EVL step 5x faster on a 2-core host
+  # (docs/scale.md) at a runtime cost not measured here (no TPU): for quick
+  # iterations and AOT fit checks of such runs, not a tuned default.
+  config.xla_optimization_level = ""
   config.sharding = dict(
       mesh_axes=("data", "fsdp", "tensor"),
       mesh_shape=(-1, 1, 1),

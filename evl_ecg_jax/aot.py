@@ -16,6 +16,8 @@ peak) against the chip's HBM, the FLOPs of one step and the step time they
 imply at 100 % and 40 % of the slice's peak. Exits 1 with a message when
 the step does not fit (XLA's out-of-memory, or a peak above the HBM).
 `--max_batch` searches the largest global batch that fits (`max_batch`).
+`--config.xla_optimization_level=O1` compiles as a run with that field
+trains (a faster compile; its memory is reported for that level only).
 Signal configs (configs/scale.py) and VLM ones (configs/vlm.py: the batch
 is an image and both tokenizers' sequences of config.vlm.max_len, at the
 vocabulary sizes the config asks its tokenizers for).
@@ -153,6 +155,8 @@ def compile_step(config, topology_name: str, batch_size: int = 0,
             "teacher_params": count(teacher_abstract),
             "student_params": count({"params": target.params["model"]}),
             "hbm_per_chip_gib": hbm_gib or topo.chip.hbm_gib,
+            "xla_optimization_level":
+                config.get("xla_optimization_level", "") or "default",
             "lower_s": lowered_at - start}
   try:
     compiled = lowered.compile()
@@ -245,7 +249,8 @@ def format_report(r: dict) -> str:
            "student "
            f"{_count(r['student_params'])}; scanned stacks: "
            f"{', '.join(scanned) or 'none'}; lowered in {r['lower_s']:.0f} s,"
-           f" compiled in {r['compile_s']:.0f} s"]
+           f" compiled in {r['compile_s']:.0f} s (XLA optimization level "
+           f"{r['xla_optimization_level']})"]
   if "peak_gib" not in r:
     return "\n".join(lines + [f"DOES NOT FIT: {r.get('error')}"])
   lines += [

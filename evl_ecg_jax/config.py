@@ -15,6 +15,9 @@ import ml_collections
 
 MODES = ("train_teacher", "distill", "evaluate")
 PARALLEL = ("pmap", "spmd", "shard_map")
+# config.xla_optimization_level -> XLA's ExecutionOptions.EffortLevel value
+# (jax's EffortLevel mirrors them; "" keeps XLA's default).
+OPTIMIZATION_LEVELS = {"O0": 9, "O1": 19, "O2": 29, "O3": 39}
 
 
 class ConfigError(ValueError):
@@ -96,6 +99,13 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int,
   require(config.parallel in PARALLEL, "parallel", config.parallel,
            f"one of {PARALLEL}")
   check_mesh(config.sharding, num_devices)
+  level = config.get("xla_optimization_level", "")
+  require(not level or level in OPTIMIZATION_LEVELS,
+           "xla_optimization_level", level,
+           f"'' (XLA's default) or one of {sorted(OPTIMIZATION_LEVELS)}")
+  require(not level or config.parallel != "pmap", "xla_optimization_level",
+           level, "'' under parallel='pmap' (jax.pmap takes no compiler "
+           "options; use parallel='spmd' or 'shard_map')")
   if config.parallel == "pmap":
     check_batch(config, num_devices, 1)
   else:

@@ -36,7 +36,20 @@ def pmap_train_step(step_fn, devices=None):
                   out_axes=(None, None), donate_argnums=(0,), devices=devices)
 
 
-def shard_map_train_step(step_fn, mesh, *, check_vma=True):
+def compiler_options(optimization_level: str = ""):
+  """`jax.jit`'s compiler_options for XLA's optimization level ('' or None:
+  XLA's default; config.xla_optimization_level)."""
+  if not optimization_level:
+    return None
+  levels = config_lib.OPTIMIZATION_LEVELS
+  config_lib.require(optimization_level in levels, "xla_optimization_level",
+                     optimization_level,
+                     f"'' (XLA's default) or one of {sorted(levels)}")
+  return {"optimization_level": levels[optimization_level]}
+
+
+def shard_map_train_step(step_fn, mesh, *, check_vma=True,
+                         compiler_options=None):
   """(state, teacher_params, batch[n*b, ...]) -> (state, metrics) on `mesh`.
 
   With `check_vma` the replication of the outputs is checked: it holds
@@ -51,7 +64,7 @@ def shard_map_train_step(step_fn, mesh, *, check_vma=True):
   return jax.jit(jax.shard_map(
       step_fn, mesh=mesh, in_specs=(replicated, replicated, batch),
       out_specs=(replicated, replicated), check_vma=check_vma),
-                 donate_argnums=(0,))
+                 donate_argnums=(0,), compiler_options=compiler_options)
 
 
 def pmap_predict(predict_fn, devices=None):
@@ -213,18 +226,21 @@ class SpmdStep:
       return self._jit.lower(*args)
 
 
-def spmd_train_step(step_fn, mesh, rules, state_shardings, teacher_shardings):
+def spmd_train_step(step_fn, mesh, rules, state_shardings, teacher_shardings,
+                    compiler_options=None):
   """(state, teacher_params, global batch) -> (state, metrics) under jit.
 
   `step_fn` takes `axis_name`; it is called with None (global view). The
-  state is donated; metrics come back replicated.
+  state is donated; metrics come back replicated. `compiler_options`: see
+  `compiler_options()`.
   """
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return SpmdStep(
       functools.partial(step_fn, axis_name=None), mesh, rules,
       in_shardings=(state_shardings, teacher_shardings,
                     batch_sharding(mesh, rules)),
-      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+      out_shardings=(state_shardings, replicated), donate_argnums=(0,),
+      compiler_options=compiler_options)
 
 
 def spmd_predict(predict_fn, mesh, rules):

@@ -42,6 +42,14 @@ def test_tiny_config_compiles_for_v5e_2x2(tmp_path):
   assert report["step_s_at_40pct"] == pytest.approx(
       report["step_s_at_100pct"] / 0.4)
   assert "fits" in res.stdout and "GiB" in res.stdout
+  assert report["xla_optimization_level"] == "default"
+  # The config's optimization level reaches libtpu: at O0 the same step
+  # compiles to another program (its temporaries differ).
+  res, fast = _aot(tmp_path, "--config.xla_optimization_level=O0")
+  assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+  assert fast["xla_optimization_level"] == "O0"
+  assert "(XLA optimization level O0)" in res.stdout
+  assert fast["temporaries_gib"] != report["temporaries_gib"]
 
 
 def test_a_step_that_does_not_fit_fails_clearly(tmp_path):

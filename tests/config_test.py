@@ -39,6 +39,11 @@ def test_parse_arg_is_strict():
     ("student.name", "resnet9", r"config.student.name='resnet9'"),
     ("mode", "pretrain", r"config.mode='pretrain'"),
     ("optim.warmup_steps", 10_000, r"config.optim.warmup_steps=10000"),
+    ("xla_optimization_level", "O4",
+     r"config.xla_optimization_level='O4'.*'O1'"),
+    # jax.pmap takes no compiler options (the config's default parallel).
+    ("xla_optimization_level", "O1",
+     r"config.xla_optimization_level='O1'.*parallel='pmap'"),
 ])
 def test_check_names_the_field(field, value, match):
   config = default.get_config("mode=distill,loss=kd")

@@ -91,8 +91,9 @@ class Spmd:
 
   name = "spmd"
 
-  def __init__(self, mesh, rules):
+  def __init__(self, mesh, rules, compiler_options=None):
     self.mesh, self.rules = mesh, rules
+    self.compiler_options = compiler_options  # of the train step's jit
     self.batch_shards = parallel.batch_shards(mesh, rules)
     self._batch = parallel.batch_sharding(mesh, rules)
 
@@ -149,7 +150,8 @@ class Spmd:
     return parallel.spmd_train_step(
         step_fn, self.mesh, self.rules, _shardings_of(state_like),
         None if teacher_abstract is None
-        else self.shardings(teacher_abstract)["params"])
+        else self.shardings(teacher_abstract)["params"],
+        compiler_options=self.compiler_options)
 
   def put_batch(self, batch):
     return parallel.host_local_batch(batch, self._batch)
@@ -173,7 +175,7 @@ class ShardMap(Spmd):
 
   name = "shard_map"
 
-  def __init__(self, mesh, rules):
+  def __init__(self, mesh, rules, compiler_options=None):
     model_axes = {a: n for a, n in mesh.shape.items() if a != parallel.AXIS}
     if any(n != 1 for n in model_axes.values()):
       raise ValueError(
@@ -181,7 +183,7 @@ class ShardMap(Spmd):
           "parallel='shard_map' runs the data-parallel step (state "
           f"replicated), so every axis but {parallel.AXIS!r} must be 1 "
           "(parallel='spmd' shards params).")
-    super().__init__(mesh, rules)
+    super().__init__(mesh, rules, compiler_options)
 
   def train_step(self, step_fn, state_like, teacher_abstract=None):
     """`step_fn(..., axis_name="data")` per device under shard_map.
@@ -194,7 +196,7 @@ class ShardMap(Spmd):
     del state_like, teacher_abstract
     return parallel.shard_map_train_step(
         functools.partial(step_fn, axis_name=parallel.AXIS), self.mesh,
-        check_vma=False)
+        check_vma=False, compiler_options=self.compiler_options)
 
 
 def _with_shardings(abstract_boxed, shardings):
@@ -226,6 +228,7 @@ def make(config, devices=None):
     mesh = parallel.make_mesh(config.sharding.mesh_axes,
                               config.sharding.mesh_shape, devices=devices)
     return (Spmd if config.parallel == "spmd" else ShardMap)(
-        mesh, config.sharding.rules)
+        mesh, config.sharding.rules, parallel.compiler_options(
+            config.get("xla_optimization_level", "")))
   raise ValueError(f"config.parallel={config.parallel!r}: expected 'pmap', "
                    "'spmd' or 'shard_map'.")
