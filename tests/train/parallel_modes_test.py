@@ -114,7 +114,13 @@ def test_pmap_and_spmd_match_one_device_for_evl(single_device):
   assert jax.device_count() == 8
   pmap = _run(runner_lib.Pmap(), loss=EVL, tx=SGD)
   spmd = _run(_spmd(), loss=EVL, tx=SGD)
-  shard_map = _run(_spmd((8, 1, 1), runner_lib.ShardMap), loss=EVL, tx=SGD)
+  # shard_map as a config builds it, with XLA's optimization level in the
+  # step's compiler options (XLA:CPU accepts and ignores it; libtpu applies
+  # it, tests/aot_test.py): a malformed option would fail this compile.
+  config = _config()
+  config.parallel, config.xla_optimization_level = "shard_map", "O1"
+  config.sharding.mesh_shape = (8, 1, 1)
+  shard_map = _run(runner_lib.make(config), loss=EVL, tx=SGD)
   _assert_same(single_device, pmap)
   _assert_same(single_device, spmd)
   _assert_same(single_device, shard_map)
