@@ -99,13 +99,10 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int,
   require(config.parallel in PARALLEL, "parallel", config.parallel,
            f"one of {PARALLEL}")
   check_mesh(config.sharding, num_devices)
-  level = config.get("xla_optimization_level", "")
-  require(not level or level in OPTIMIZATION_LEVELS,
-           "xla_optimization_level", level,
-           f"'' (XLA's default) or one of {sorted(OPTIMIZATION_LEVELS)}")
-  require(not level or config.parallel != "pmap", "xla_optimization_level",
-           level, "'' under parallel='pmap' (jax.pmap takes no compiler "
-           "options; use parallel='spmd' or 'shard_map')")
+  require(not compiler_options(config) or config.parallel != "pmap",
+           "xla_optimization_level", config.xla_optimization_level,
+           "'' under parallel='pmap' (jax.pmap takes no compiler options; "
+           "use parallel='spmd' or 'shard_map')")
   if config.parallel == "pmap":
     check_batch(config, num_devices, 1)
   else:
@@ -158,6 +155,18 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int,
              init, "a workdir holding a teacher checkpoint (written by "
              "--config.mode=train_teacher); none found at "
              f"{os.path.abspath(os.path.expanduser(init))}")
+
+
+def compiler_options(config: ml_collections.ConfigDict):
+  """`jax.jit`'s compiler_options for config.xla_optimization_level (None
+  for '' or an older config without the field: XLA's default); ConfigError
+  naming the field for an unknown level."""
+  level = config.get("xla_optimization_level", "")
+  if not level:
+    return None
+  require(level in OPTIMIZATION_LEVELS, "xla_optimization_level", level,
+          f"'' (XLA's default) or one of {sorted(OPTIMIZATION_LEVELS)}")
+  return {"optimization_level": OPTIMIZATION_LEVELS[level]}
 
 
 def mesh_sizes(axes, shape, num_devices: int) -> tuple[int, ...]:

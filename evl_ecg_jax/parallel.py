@@ -36,18 +36,6 @@ def pmap_train_step(step_fn, devices=None):
                   out_axes=(None, None), donate_argnums=(0,), devices=devices)
 
 
-def compiler_options(optimization_level: str = ""):
-  """`jax.jit`'s compiler_options for XLA's optimization level ('' or None:
-  XLA's default; config.xla_optimization_level)."""
-  if not optimization_level:
-    return None
-  levels = config_lib.OPTIMIZATION_LEVELS
-  config_lib.require(optimization_level in levels, "xla_optimization_level",
-                     optimization_level,
-                     f"'' (XLA's default) or one of {sorted(levels)}")
-  return {"optimization_level": levels[optimization_level]}
-
-
 def shard_map_train_step(step_fn, mesh, *, check_vma=True,
                          compiler_options=None):
   """(state, teacher_params, batch[n*b, ...]) -> (state, metrics) on `mesh`.
@@ -232,7 +220,7 @@ def spmd_train_step(step_fn, mesh, rules, state_shardings, teacher_shardings,
 
   `step_fn` takes `axis_name`; it is called with None (global view). The
   state is donated; metrics come back replicated. `compiler_options`: see
-  `compiler_options()`.
+  `config.compiler_options`.
   """
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return SpmdStep(

@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from evl_ecg_jax import config as config_lib
 from evl_ecg_jax import parallel
 
 
@@ -228,7 +229,6 @@ def make(config, devices=None):
     mesh = parallel.make_mesh(config.sharding.mesh_axes,
                               config.sharding.mesh_shape, devices=devices)
     return (Spmd if config.parallel == "spmd" else ShardMap)(
-        mesh, config.sharding.rules, parallel.compiler_options(
-            config.get("xla_optimization_level", "")))
+        mesh, config.sharding.rules, config_lib.compiler_options(config))
   raise ValueError(f"config.parallel={config.parallel!r}: expected 'pmap', "
                    "'spmd' or 'shard_map'.")
