@@ -394,6 +394,12 @@ def _figures(result, fig_dir):
   return figures
 
 
+def _seeds(tuning):
+  """The tuning seeds in words (tables before --tune_seeds: seed 0)."""
+  n = tuning.get("seeds", 1)
+  return "seed 0" if n == 1 else f"seeds 0–{n - 1}"
+
+
 def _choices(result):
   """The markdown of the teacher, length and λ choices."""
   tuning, steps = result["tuning"], result["steps"]
@@ -424,7 +430,7 @@ Chosen: **{result['teacher']}**.
 {curve}; chosen: **{steps['student']}** (the shortest within
 {steps.get('flat_tol', 0):g} of the best: task-only is not undertrained).
 
-## λ (validation macro-AUC, mean over {', '.join(tuning['protocols'])}, seed 0)
+## λ (validation macro-AUC, mean over {', '.join(tuning['protocols'])}, {_seeds(tuning)})
 
 | method | """ + " | ".join(f"λ = {g}" for g in grid) + """ | chosen |
 |---|""" + "---|" * (len(grid) + 1) + f"""

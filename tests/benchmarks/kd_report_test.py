@@ -48,7 +48,7 @@ def _fake_result(tmp_path):
               teacher="cnn1d:small",
               teacher_candidates={"cnn1d:small": teacher},
               teacher_metrics=teacher,
-              tuning=dict(protocols=["leads_I"], grid=["0.1", "1"],
+              tuning=dict(protocols=["leads_I"], seeds=2, grid=["0.1", "1"],
                           scores={"kd": {"0.1": 0.8, "1": 0.81},
                                   "evl": [dict(field="ot_weight", value=1.0,
                                                score=0.82)]},
@@ -85,6 +85,7 @@ def test_report_numbers_are_the_json_numbers(tmp_path):
     cka = np.mean([r["metrics"]["diag/cka/tokens"] for r in result["runs"]
                    if (r["protocol"], r["method"]) == (protocol, "evl")])
     assert f"| cka/tokens | {cka:.3f} |" in text
+  assert "## λ (validation macro-AUC, mean over leads_I, seeds 0–1)" in text
   figures = re.findall(r"\]\((results/[^)]+)\)", text)
   assert "results/auc_by_protocol.png" in figures
   assert "results/diagnostics_full.png" in figures
