@@ -89,15 +89,15 @@ _GRID = flags.DEFINE_list(
     "λ candidates per baseline (and evl_paper's tied λ_m = λ_r = λ_ot).")
 _TUNE_PROTOCOLS = flags.DEFINE_list(
     "tune_protocols", ["leads_I", "labels"],
-    "Protocols whose mean validation macro-AUC (--tune_seeds) picks the student "
-    "length and every λ (regimes where the teacher knows more than the "
-    "student sees).")
+    "Protocols whose mean validation macro-AUC (over --tune_seeds) picks "
+    "the student length and every λ (regimes where the teacher knows more "
+    "than the student sees).")
 _TUNE_SEEDS = flags.DEFINE_integer(
     "tune_seeds", 1, "Seeds (0, 1, ...) whose mean validation macro-AUC "
     "picks the student length and every λ. On the shared subset's "
     "180-record validation fold two seeds of one setting differ by up to "
-    "0.017 (docs/evl.md), more than most λ it chooses between; 2 costs "
-    "about a quarter more table time than 1.")
+    "0.017 (docs/evl.md), more than most λ it chooses between; 2 makes "
+    "the table about a quarter more runs than 1.")
 _WORKERS = flags.DEFINE_integer(
     "workers", 2, "Processes running independent runs at once (each with "
     "one intra-op thread when > 1).")
