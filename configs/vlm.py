@@ -119,7 +119,8 @@ def get_config(arg=None):
       ot_weight=0.0, uld_weight=0.0,
       # The departures of configs/default.py, at the paper's values.
       mhca_time_sigma=0.0, mhca_temperature=1.0, mhca_projection=False,
-      relation_batch_share=0.0, shuffle_teacher=False, ot_time_weight=0.0,
+      relation_batch_share=0.0, relation_batch_form="cosine",
+      shuffle_teacher=False, ot_time_weight=0.0,
       ot_relative_epsilon=False, ot_debiased=False,
       ot_teacher_self_term=True, ot_inner_iterations=10, ot_momentum=1.0)
   config.loss.update(_LOSSES[arg.loss])

@@ -123,6 +123,9 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int,
   require(config.loss.ot_plan_gradient in ("implicit", "stop"),
            "loss.ot_plan_gradient", config.loss.ot_plan_gradient,
            "'implicit' or 'stop'")
+  require(config.loss.relation_batch_form in ("cosine", "angle"),
+           "loss.relation_batch_form", config.loss.relation_batch_form,
+           "'cosine' or 'angle'")
   require(config.loss.mhca_heads > 0, "loss.mhca_heads",
            config.loss.mhca_heads, "a positive number of heads")
   for field in ("total_steps", "log_every_steps", "eval_every_steps",

@@ -36,6 +36,8 @@ def test_parse_arg_is_strict():
 @pytest.mark.parametrize("field,value,match", [
     ("data.batch_size", 12, r"config.data.batch_size=12.*multiple of the 8"),
     ("loss.alpha", 1.5, r"config.loss.alpha=1.5.*\[0, 1\]"),
+    ("loss.relation_batch_form", "triplet",
+     r"config.loss.relation_batch_form='triplet'.*'cosine' or 'angle'"),
     ("student.name", "resnet9", r"config.student.name='resnet9'"),
     ("mode", "pretrain", r"config.mode='pretrain'"),
     ("optim.warmup_steps", 10_000, r"config.optim.warmup_steps=10000"),

@@ -142,6 +142,7 @@ class Objective:
   dkd_alpha: float = 1.0
   dkd_beta: float = 8.0
   relation_batch_share: float = 0.0
+  relation_batch_form: str = "cosine"
   # Records the teacher outputs (and teacher masks) are rolled by along the
   # batch: 0 reads each record's own teacher; 1 is the shuffled-teacher
   # control (config loss.shuffle_teacher); diagnostics add one more.
@@ -260,10 +261,13 @@ class Objective:
     """L_rel = (1 − ρ)·L_rel(Ĥ_t, H_s) + ρ·L_rel across the batch's records.
 
     The across-records part compares the B×B geometry of the two models'
-    `embed` taps (relation_loss on [1, B, D]), centred on the batch mean so
-    that the cosine structure is that of the records' deviations (pooled
-    post-GELU features share one positive direction that dominates raw
-    cosines).
+    `embed` taps. `relation_batch_form` "cosine": relation_loss on [1, B, D]
+    (distances and cosines), centred on the batch mean so that the cosine
+    structure is that of the records' deviations (pooled post-GELU features
+    share one positive direction that dominates raw cosines). "angle": the
+    distance and triplet-angle potentials of RKD (relation.rkd_loss), the
+    cosine of the angle at every record of the batch rather than only at
+    its mean.
     """
     rho, tap = self.relation_batch_share, self.taps
     loss = 0.0
@@ -271,10 +275,12 @@ class Objective:
       loss = (1 - rho) * relation.relation_loss(aligned, s_feats[
           tap["student_hidden"]], mask=masks.get("student_hidden"))
     if rho > 0:
+      t, s = (self._embedding(f, role, masks)
+              for f, role in ((t_feats, "teacher"), (s_feats, "student")))
+      if self.relation_batch_form == "angle":
+        return loss + rho * relation.rkd_loss(t, s)
       centred = lambda x: (x - jnp.mean(x, axis=0))[None]
-      loss = loss + rho * relation.relation_loss(
-          centred(self._embedding(t_feats, "teacher", masks)),
-          centred(self._embedding(s_feats, "student", masks)))
+      loss = loss + rho * relation.relation_loss(centred(t), centred(s))
     return loss
 
   def _teacher_view(self, teacher_out, masks):
@@ -353,6 +359,7 @@ def make_objective(*, alpha: float, kd_weight: float = 0.0,
                    mhca_time_sigma: float = 0.0, mhca_temperature: float = 1.0,
                    mhca_projection: bool = False,
                    relation_batch_share: float = 0.0,
+                   relation_batch_form: str = "cosine",
                    shuffle_teacher: bool = False,
                    dkd_alpha: float = 1.0, dkd_beta: float = 8.0,
                    ot_epsilon: float = 0.1, ot_plan_gradient: str = "implicit",
@@ -371,6 +378,9 @@ def make_objective(*, alpha: float, kd_weight: float = 0.0,
   tap each term reads (models.layers.Taps); `tinybert_layer_map` pairs
   (student tap, teacher tap), default: the hidden taps.
   """
+  if relation_batch_form not in ("cosine", "angle"):
+    raise ValueError(f"relation_batch_form={relation_batch_form!r}: expected "
+                     "'cosine' or 'angle'.")
   given = dict(kd=kd_weight, mhca=mhca_weight, relation=relation_weight,
                ot=ot_weight, fitnet=fitnet_weight, tinybert=tinybert_weight,
                rkd=rkd_weight, dkd=dkd_weight, uld=uld_weight)
@@ -400,6 +410,7 @@ def make_objective(*, alpha: float, kd_weight: float = 0.0,
       mhca_reconstruction_weight=float(mhca_reconstruction_weight),
       dkd_alpha=float(dkd_alpha), dkd_beta=float(dkd_beta),
       relation_batch_share=float(relation_batch_share),
+      relation_batch_form=relation_batch_form,
       teacher_shift=int(bool(shuffle_teacher)),
       ot_kwargs=dict(epsilon=float(ot_epsilon), plan_gradient=ot_plan_gradient,
                      threshold=float(ot_threshold),

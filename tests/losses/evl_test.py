@@ -215,25 +215,32 @@ def test_pool_tokens_windows():
                              rtol=1e-6)
 
 
-def test_batch_relations_of_sequence_taps_average_the_valid_tokens():
+@pytest.mark.parametrize("form", ["cosine", "angle"])
+def test_batch_relations_of_sequence_taps_average_the_valid_tokens(form):
   """A sequence `embed` tap (a language model's hidden states) enters the
-  across-records relation as its mean over the valid positions."""
+  across-records relation as its mean over the valid positions; "cosine"
+  compares the centred means' relations, "angle" is RKD on the means."""
   student, teacher, labels = _outs(3)
   masks = _token_masks(4)
   objective = losses.make_objective(
       alpha=0.5, relation_weight=1.0, relation_batch_share=1.0,
-      student_embed_tap="tokens", teacher_embed_tap="tokens")
+      relation_batch_form=form, student_embed_tap="tokens",
+      teacher_embed_tap="tokens")
   del labels
   terms = objective.distill_terms(None, student, teacher, masks=masks)
 
   def pooled(x, m):
     x, m = np.asarray(x, np.float64), np.asarray(m, np.float64)
     mean = (m[..., None] * x).sum(1) / m.sum(1, keepdims=True)
-    return jnp.asarray((mean - mean.mean(0))[None], jnp.float32)
+    return jnp.asarray(mean, jnp.float32)
 
-  want = losses.relation.relation_loss(
-      pooled(teacher[1]["tokens"], masks["teacher_hidden"]),
-      pooled(student[1]["tokens"], masks["student_hidden"]))
+  t, s = (pooled(x[1]["tokens"], masks[f"{role}_hidden"])
+          for x, role in ((teacher, "teacher"), (student, "student")))
+  if form == "angle":
+    want = losses.relation.rkd_loss(t, s)
+  else:
+    want = losses.relation.relation_loss((t - t.mean(0))[None],
+                                         (s - s.mean(0))[None])
   assert float(terms["relation"]) == pytest.approx(float(want), rel=1e-5)
   # Invalid positions do not count: changing them changes nothing.
   noisy = (student[0], {"tokens": jnp.where(
