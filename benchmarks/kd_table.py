@@ -57,6 +57,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _runs  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import kd_report  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import default  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from evl_ecg_jax import console  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
@@ -208,8 +209,7 @@ def _run_all(jobs):
   """{name: config} -> {name: metrics.json + workdir}: runs (or reuses) the
   independent runs, --workers at a time; a failed run raises here."""
   workdirs = {name: os.path.join(_OUT.value, "runs", name) for name in jobs}
-  todo = [n for n in jobs
-          if not os.path.exists(os.path.join(workdirs[n], "metrics.json"))]
+  todo = [n for n in jobs if not _runs.reusable(jobs[n], workdirs[n])]
   cache = os.path.join(os.path.abspath(_OUT.value), "jax_cache")
   if _POOL[0] is None or len(todo) <= 1:
     for name in todo:
