@@ -177,11 +177,16 @@ def _fit(config, workdir, cache_dir):
   jax.clear_caches()
 
 
-def _init_worker(parent):
+def _init_worker(parent, argv, verbosity):
   """A worker stops as soon as the table's process is gone (killed or
   failed), instead of finishing its run in a workdir a rerun will use;
-  its console is as quiet as the parent's."""
-  console.demote_benign_warnings()
+  its console is as quiet as the parent's: it parses the parent's flags
+  (a spawned interpreter has none) and logs what the parent logs to the
+  same log.txt (libraries' INFO lines went to its stderr)."""
+  flags.FLAGS(argv)
+  logging.use_absl_handler()
+  logging.set_verbosity(verbosity)
+  console.quiet(_OUT.value)
   def watch():
     while os.getppid() == parent:
       time.sleep(1.0)
@@ -200,7 +205,8 @@ def _pool():
   try:
     return futures.ProcessPoolExecutor(
         _WORKERS.value, mp_context=multiprocessing.get_context("spawn"),
-        initializer=_init_worker, initargs=(os.getpid(),))
+        initializer=_init_worker, initargs=(os.getpid(), sys.argv,
+                                             logging.get_verbosity()))
   finally:
     os.environ["XLA_FLAGS"] = env
 
