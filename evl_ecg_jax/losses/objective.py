@@ -277,10 +277,10 @@ class Objective:
     if rho > 0:
       t, s = (self._embedding(f, role, masks)
               for f, role in ((t_feats, "teacher"), (s_feats, "student")))
-      if self.relation_batch_form == "angle":
-        return loss + rho * relation.rkd_loss(t, s)
       centred = lambda x: (x - jnp.mean(x, axis=0))[None]
-      loss = loss + rho * relation.relation_loss(centred(t), centred(s))
+      loss = loss + rho * (
+          relation.rkd_loss(t, s) if self.relation_batch_form == "angle"
+          else relation.relation_loss(centred(t), centred(s)))
     return loss
 
   def _teacher_view(self, teacher_out, masks):
