@@ -81,6 +81,12 @@ def test_report_numbers_are_the_json_numbers(tmp_path):
       assert (f"{c['mean']:+.4f}, 95 % CI [{c['low']:+.4f}, "
               f"{c['high']:+.4f}]") in text
     assert {c["baseline"] for c in s["paired"]} == {"ce", "evl_no_ot"}
+    # Each target gets its verdict from the same CI.
+    ablation = next(c for c in s["paired"] if c["baseline"] == "evl_no_ot")
+    verdict = "met" if ablation["low"] > 0 else "missed"
+    assert (f"EVL − evl_no_ot: {ablation['mean']:+.4f}") in text
+    assert (f"(target, removing the term lowers test AUC: {verdict})"
+            in text)
     assert f"keeps {s['shuffled_retained']:.0%} of EVL's gain" in text
     cka = np.mean([r["metrics"]["diag/cka/tokens"] for r in result["runs"]
                    if (r["protocol"], r["method"]) == (protocol, "evl")])

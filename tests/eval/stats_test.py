@@ -57,3 +57,21 @@ def test_summarise_rows_gap_and_paired_comparison():
   assert out["evl_vs_best"]["low"] > 0
   text = stats.markdown({"leads_I": out})
   assert "| evl | 4 |" in text and "EVL − kd (paired over 4 seeds)" in text
+
+
+def test_summarise_strongest_baseline_is_read_on_test_not_validation():
+  # rkd leads on test, dkd on validation: the target comparison stays the
+  # validation choice and the strictest one is reported beside it.
+  runs = []
+  for method, test, val in (("ce", 0.80, 0.80), ("dkd", 0.81, 0.86),
+                            ("rkd", 0.84, 0.82), ("evl", 0.85, 0.85)):
+    for seed in range(3):
+      runs.append(dict(protocol="labels", method=method, seed=seed,
+                       metrics={"test/macro_auc": test + 0.001 * seed ** 2,
+                                "validation/macro_auc": val}))
+  out = stats.summarise(runs, {"test/macro_auc": 0.90})["labels"]
+  assert out["evl_vs_best"]["baseline"] == "dkd"
+  assert out["evl_vs_strongest"]["baseline"] == "rkd"
+  assert out["evl_vs_strongest"]["mean"] == pytest.approx(0.01)
+  text = stats.markdown({"labels": out})
+  assert "EVL − dkd (paired" in text and "EVL − rkd (paired" in text
