@@ -332,37 +332,35 @@ def _per_class_table(summary):
   return "\n".join(lines)
 
 
-def _ci(c):
-  sig = "CI above 0" if c["low"] > 0 else (
-      "CI below 0" if c["high"] < 0 else "CI includes 0")
-  return (f"{c['mean']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}], "
-          f"{c['n']} seeds, {sig}")
-
-
 def _standing(c):
-  """'above', 'level' or 'below' from a paired CI of EVL − X."""
+  """'above', 'level' or 'below': where a paired CI of EVL − X lies."""
   return ("above" if c["low"] > 0 else "below" if c["high"] < 0
           else "level")
 
 
+def _ci(c):
+  sig = {"above": "CI above 0", "below": "CI below 0",
+         "level": "CI includes 0"}[_standing(c)]
+  return (f"{c['mean']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}], "
+          f"{c['n']} seeds, {sig}")
+
+
+_LEVEL_WITH = {
+    "evl_vs_best": "at least level with the best baseline, chosen on "
+                   "validation",
+    "evl_vs_strongest": "at least level with the strongest baseline on "
+                        "test (the strictest check)"}
+
+
 def _target_lines(s):
-  """One line per target of issue 19 that a paired comparison decides."""
-  lines, shown = [], set()
-  checks = [("evl_vs_best", "at least level with the best baseline, "
-             "chosen on validation"),
-            ("evl_vs_strongest", "at least level with the strongest "
-             "baseline on test (the strictest check)")]
-  for key, what in checks:
-    if key in s and s[key]["baseline"] not in shown:
-      c = s[key]
-      shown.add(c["baseline"])
-      lines.append(f"  - {what}: EVL − {c['baseline']} {_ci(c)}; "
-                   f"{_standing(c)}: "
+  """One line per comparison, with the target of issue 19 it decides."""
+  lines = []
+  for key, c in stats.comparisons(s):
+    if key in _LEVEL_WITH:
+      lines.append(f"  - {_LEVEL_WITH[key]}: EVL − {c['baseline']} "
+                   f"{_ci(c)}; {_standing(c)}: "
                    f"{_met(_standing(c) != 'below')}.")
-  for c in [s[k] for k in ("evl_vs_kd",) if k in s] + s.get("paired", []):
-    if c["baseline"] in shown:
       continue
-    shown.add(c["baseline"])
     if c["baseline"] == "ce":
       target = f" (target, beats task-only: {_met(c['low'] > 0)})"
     elif c["baseline"].startswith("evl_no_"):

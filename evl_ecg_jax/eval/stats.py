@@ -125,6 +125,23 @@ def summarise(runs, teacher_metrics) -> dict:
   return out
 
 
+def comparisons(s: dict) -> list:
+  """[(key, EVL − X)] of one protocol's summary, one per baseline X.
+
+  `key` is the summary field it came from (_HEAD_PAIRS first, then
+  "paired"); a baseline named twice (the best baseline is also KD) is
+  listed under its first key.
+  """
+  pairs = [(k, s[k]) for k in _HEAD_PAIRS if k in s]
+  pairs += [("paired", c) for c in s.get("paired", [])]
+  out, shown = [], set()
+  for key, c in pairs:
+    if c["baseline"] not in shown:
+      shown.add(c["baseline"])
+      out.append((key, c))
+  return out
+
+
 def markdown(summary: dict) -> str:
   """One table per protocol: mean ± std over seeds and the paired tests."""
   lines = []
@@ -141,12 +158,7 @@ def markdown(summary: dict) -> str:
           f"{r['test_auc'][1]:.4f} | {r['test_f1'][0]:.4f} ± "
           f"{r['test_f1'][1]:.4f} | {gap:+.2f} | "
           f"{r['validation_auc'][0]:.4f} |")
-    shown = set()
-    pairs = [s[k] for k in _HEAD_PAIRS if k in s]
-    for c in pairs + s.get("paired", []):
-      if c["baseline"] in shown:
-        continue
-      shown.add(c["baseline"])
+    for _, c in comparisons(s):
       lines.append(
           f"\nEVL − {c['baseline']} (paired over {c['n']} seeds): "
           f"{c['mean']:+.4f}, 95 % CI [{c['low']:+.4f}, {c['high']:+.4f}], "
