@@ -321,6 +321,15 @@ def get_config(arg=None):
   # Micro-batches per step (gradients averaged in f32): data.batch_size is
   # the global batch of one update.
   config.grad_accum_steps = 1
+  # What a term that compares or normalises across records means under
+  # grad_accum_steps > 1 (batch relations and RKD, the shuffled-teacher
+  # roll, ULD's and the label- or token-masked task means): 'refuse'
+  # (config.check stops such a run, naming the fields) or 'micro_batch'
+  # (each is taken over a micro-batch's B / k records, gathered over every
+  # device and host, and the micro-batches' values are averaged: another
+  # objective than the whole batch's, which an exact version would need a
+  # second student forward to give; docs/scale.md).
+  config.grad_accum_batch_terms = "refuse"
   # XLA's optimization level for the train step ('' = XLA's default; 'O0'..
   # 'O3'), under spmd and shard_map (jax.pmap takes no compiler options).
   # On TPU the default spends most of a compile searching tilings for each

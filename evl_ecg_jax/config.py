@@ -128,6 +128,7 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int,
            "'cosine' or 'angle'")
   require(config.loss.mhca_heads > 0, "loss.mhca_heads",
            config.loss.mhca_heads, "a positive number of heads")
+  check_cross_record(config)
   for field in ("total_steps", "log_every_steps", "eval_every_steps",
                 "ckpt_every_steps", "max_bad_steps"):
     require(config[field] > 0, field, config[field], "a positive int")
@@ -158,6 +159,49 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int,
              init, "a workdir holding a teacher checkpoint (written by "
              "--config.mode=train_teacher); none found at "
              f"{os.path.abspath(os.path.expanduser(init))}")
+
+
+def cross_record_fields(config: ml_collections.ConfigDict) -> list[str]:
+  """The config fields that make the objective compare or normalise across
+  the records of a batch (docs/scale.md, "One objective on any number of
+  devices"): each such term is computed over the global batch."""
+  loss, fields = config.loss, []
+  if config.get("model_kind", "signal") == "vlm":
+    fields.append("model_kind")  # the token CE: a mean over answer tokens
+  elif config.data.label_fraction < 1:
+    fields.append("data.label_fraction")  # the CE over labelled records
+  if loss.alpha > 0:
+    fields += [f"loss.{k}" for k in ("rkd_weight", "uld_weight")
+               if loss[k] > 0]
+    if loss.relation_weight > 0 and loss.relation_batch_share > 0:
+      fields.append("loss.relation_batch_share")
+    if loss.shuffle_teacher:
+      fields.append("loss.shuffle_teacher")
+  return fields
+
+
+def check_cross_record(config: ml_collections.ConfigDict) -> None:
+  """Cross-record terms can be exact: enough records in each (micro-)batch
+  for relations (3: RKD's angles are triplets) and for the shuffled teacher
+  (2: a roll of one record is itself), and a stated meaning under gradient
+  accumulation (`grad_accum_batch_terms`)."""
+  fields, accum = cross_record_fields(config), config.grad_accum_steps
+  mode = config.get("grad_accum_batch_terms", "refuse")
+  require(mode in ("refuse", "micro_batch"), "grad_accum_batch_terms", mode,
+          "'refuse' or 'micro_batch'")
+  rows = config.data.batch_size // max(accum, 1)
+  for needs, terms in ((3, ("loss.rkd_weight", "loss.relation_batch_share")),
+                       (2, ("loss.shuffle_teacher",))):
+    used = [f for f in fields if f in terms]
+    require(not used or rows >= needs, "data.batch_size",
+            config.data.batch_size, f"at least {needs} records in each global "
+            f"(micro-)batch for {used}: they relate the records of the "
+            f"global batch; it has {rows} with grad_accum_steps={accum}")
+  require(accum <= 1 or not fields or mode == "micro_batch",
+          "grad_accum_batch_terms", mode,
+          f"'micro_batch' to take the cross-record terms of {fields} over "
+          f"each of the grad_accum_steps={accum} micro-batches (another "
+          "objective than the whole batch's), or grad_accum_steps=1")
 
 
 def compiler_options(config: ml_collections.ConfigDict):

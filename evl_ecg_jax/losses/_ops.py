@@ -18,12 +18,103 @@ def f32(*xs):
   return out if len(out) > 1 else out[0]
 
 
-def masked_mean(x, mask=None):
-  """Mean of `x` over entries where `mask` (broadcastable, True = valid)."""
+# The global batch under data parallelism (docs/scale.md, "One objective on
+# any number of devices"). A per-device step (pmap, shard_map) sees b of the
+# B = n·b rows; under spmd (axis_name=None) it sees all B. Every term that
+# normalises or compares across records returns, on every device, the value
+# of the global batch, with a gradient such that the step's pmean of the
+# per-device gradients is the global batch's gradient: a device's gradient
+# is n × its own rows' part of it. A mean over a device's rows has that
+# property as it is (equal rows per device); what crosses records goes
+# through the helpers below.
+
+
+def axis_size(axis_name) -> int:
+  """Devices along `axis_name` (1 for None: the call sees every row)."""
+  return 1 if axis_name is None else jax.lax.axis_size(axis_name)
+
+
+def with_gradient_of(value, share):
+  """`value`'s value with `share`'s gradient."""
+  return share + jax.lax.stop_gradient(value - share)
+
+
+def global_rows(x, axis_name):
+  """[b, ...] of this device -> [B, ...] of every device, in device order.
+
+  all_gather's transpose is a reduce-scatter: each device's rows get the
+  sum over devices of the cotangents of their copy, n × the gradient of a
+  value that every device computes alike (the convention above).
+  """
+  if axis_name is None:
+    return x
+  return jax.lax.all_gather(x, axis_name, tiled=True)
+
+
+def own_rows(axis_name, b: int):
+  """Indices [b] of this device's rows in `global_rows`'s order."""
+  if axis_name is None:
+    return jnp.arange(b)
+  return jax.lax.axis_index(axis_name) * b + jnp.arange(b)
+
+
+def _from_device(x, offset, axis_name):
+  """x of the device `offset` places before this one (cyclically)."""
+  n = axis_size(axis_name)
+  if offset % n == 0:
+    return x
+  return jax.lax.ppermute(x, axis_name,
+                          [(i, (i + offset) % n) for i in range(n)])
+
+
+def global_roll(x, shift: int, axis_name):
+  """`jnp.roll(global_rows(x), shift, axis=0)`'s rows of this device.
+
+  Row r of the global batch gets row r − shift (mod B). Moves only what
+  crosses devices: one or two `ppermute`s of this device's rows, never the
+  global batch. No gradient is expected through it (the teacher's side).
+  """
+  if axis_name is None:
+    return jnp.roll(x, shift, axis=0)
+  b = x.shape[0]
+  shift %= b * axis_size(axis_name)
+  whole, part = divmod(shift, b)
+  near = _from_device(x, whole, axis_name)
+  if not part:
+    return near
+  far = _from_device(x, whole + 1, axis_name)
+  return jnp.concatenate([far[b - part:], near[:b - part]], axis=0)
+
+
+def global_sum(x, axis_name):
+  """Σ over the axis of a per-device part of a global value (e.g. a sum
+  over this device's rows of something computed on `global_rows`): the
+  value of the sum, the gradient of n · x (the convention above)."""
+  if axis_name is None:
+    return x
+  value = jax.lax.psum(jax.lax.stop_gradient(x), axis_name)
+  return with_gradient_of(value, axis_size(axis_name) * x)
+
+
+def masked_mean(x, mask=None, *, axis_name=None):
+  """Mean of `x` over entries where `mask` (broadcastable, True = valid).
+
+  With `axis_name`, the mean over the valid entries of every device's rows
+  (Σ values / Σ counts, both summed over the axis), not a mean of
+  per-device means: a device without a valid entry weighs nothing. The
+  gradient is that of n · (this device's sum) / (global count), so that
+  the step's pmean gives the global gradient; no gradient goes through the
+  collective.
+  """
+  x = jnp.asarray(x)
   if mask is None:
-    return jnp.mean(x)
-  mask = jnp.broadcast_to(mask, x.shape).astype(x.dtype)
-  return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    total, count = jnp.sum(x), jnp.asarray(x.size, x.dtype)
+  else:
+    mask = jnp.broadcast_to(mask, x.shape).astype(x.dtype)
+    total, count = jnp.sum(x * mask), jnp.sum(mask)
+  if axis_name is not None:
+    count = jax.lax.psum(jax.lax.stop_gradient(count), axis_name)
+  return global_sum(total, axis_name) / jnp.maximum(count, 1.0)
 
 
 def squared_distances(x, y):

@@ -110,7 +110,7 @@ def _valid_first(x, mask, length):
 
 
 def uld_loss(teacher_logits, student_logits, *, temperature=1.0,
-             teacher_mask=None, student_mask=None):
+             teacher_mask=None, student_mask=None, axis_name=None):
   """Universal Logit Distillation (Boizard et al. 2024).
 
   Teacher and student may have different vocabularies. At each aligned
@@ -129,6 +129,8 @@ def uld_loss(teacher_logits, student_logits, *, temperature=1.0,
     temperature: T > 0.
     teacher_mask: optional [B, Lt] (or [B]) bool, True = valid position.
     student_mask: optional [B, Ls] (or [B]) bool, True = valid position.
+    axis_name: data axis of a per-device step: the mean is over the
+      examples of every device that have a pair (None: of this call).
 
   Returns:
     Scalar float32 in [0, 2].
@@ -154,4 +156,4 @@ def uld_loss(teacher_logits, student_logits, *, temperature=1.0,
   paired = jnp.arange(length) < pairs[:, None]
   per_example = jnp.sum(jnp.where(paired, l1, 0.0), axis=1) / jnp.maximum(
       pairs, 1)
-  return _ops.masked_mean(per_example, pairs > 0)
+  return _ops.masked_mean(per_example, pairs > 0, axis_name=axis_name)

@@ -181,20 +181,22 @@ class Objective:
                                     teacher_feats)["params"]
 
   def distill_terms(self, head_params, student_out, teacher_out, labels=None,
-                    label_mask=None, masks=None):
+                    label_mask=None, masks=None, *, axis_name=None):
     """Unweighted distillation terms {name: scalar}.
 
     `masks` (sequences of different lengths, e.g. two tokenizers) maps
     "student_hidden"/"teacher_hidden" to [B, L] bool valid-token masks of
     the hidden taps and "student_logits"/"teacher_logits" to the positions
-    ULD compares; None: every position counts.
+    ULD compares; None: every position counts. `axis_name`: the data axis
+    of a per-device step (None: the call sees the whole batch); every term
+    is the global batch's (losses/_ops.py, docs/scale.md).
     """
     (s_logits, s_feats), (t_logits, t_feats) = student_out, teacher_out
     t_logits, t_feats = jax.lax.stop_gradient((t_logits, t_feats))
     w, tap, temp, masks = self.weights, self.taps, self.kd_temperature, (
         masks or {})
     (t_logits, t_feats), masks = self._teacher_view((t_logits, t_feats),
-                                                    masks)
+                                                    masks, axis_name)
     head = ({} if self.heads is None else self.heads.apply(
         {"params": head_params}, s_feats, t_feats, masks))
     h_s, h_t = s_feats.get(tap["student_hidden"]), t_feats.get(
@@ -212,7 +214,8 @@ class Objective:
         terms["mhca"] = mhca.mhca_loss(head.get("mhca_student", h_s), aligned,
                                        mask=s_mask)
     if "relation" in w:
-      terms["relation"] = self._relation(aligned, s_feats, t_feats, masks)
+      terms["relation"] = self._relation(aligned, s_feats, t_feats, masks,
+                                         axis_name)
     if "ot" in w:
       terms["ot"] = ot.ot_loss(unit_tokens(t_feats[tap["teacher_ot"]]),
                                unit_tokens(head["ot_student"]),
@@ -230,7 +233,8 @@ class Objective:
           layer_map=[(i, i) for i in range(len(projected))])
     if "rkd" in w:
       terms["rkd"] = relation.rkd_loss(t_feats[tap["teacher_embed"]],
-                                       s_feats[tap["student_embed"]])
+                                       s_feats[tap["student_embed"]],
+                                       axis_name=axis_name)
     if "dkd" in w:
       terms["dkd"] = kd.dkd_loss(
           t_logits, s_logits, dkd_targets(labels, t_logits, label_mask),
@@ -239,7 +243,7 @@ class Objective:
       terms["uld"] = kd.uld_loss(
           t_logits, s_logits, temperature=temp,
           teacher_mask=masks.get("teacher_logits"),
-          student_mask=masks.get("student_logits"))
+          student_mask=masks.get("student_logits"), axis_name=axis_name)
     return terms
 
   def _embedding(self, feats, role, masks):
@@ -257,7 +261,7 @@ class Objective:
     return jnp.einsum("bl,bld->bd", w, x) / jnp.maximum(
         jnp.sum(w, axis=1, keepdims=True), 1.0)
 
-  def _relation(self, aligned, s_feats, t_feats, masks):
+  def _relation(self, aligned, s_feats, t_feats, masks, axis_name):
     """L_rel = (1 − ρ)·L_rel(Ĥ_t, H_s) + ρ·L_rel across the batch's records.
 
     The across-records part compares the B×B geometry of the two models'
@@ -267,7 +271,8 @@ class Objective:
     share one positive direction that dominates raw cosines). "angle": the
     distance and triplet-angle potentials of RKD (relation.rkd_loss), the
     cosine of the angle at every record of the batch rather than only at
-    its mean.
+    its mean. Both forms relate the records of the global batch (rows
+    gathered over `axis_name`).
     """
     rho, tap = self.relation_batch_share, self.taps
     loss = 0.0
@@ -277,18 +282,22 @@ class Objective:
     if rho > 0:
       t, s = (self._embedding(f, role, masks)
               for f, role in ((t_feats, "teacher"), (s_feats, "student")))
-      centred = lambda x: (x - jnp.mean(x, axis=0))[None]
-      loss = loss + rho * (
-          relation.rkd_loss(t, s) if self.relation_batch_form == "angle"
-          else relation.relation_loss(centred(t), centred(s)))
+      if self.relation_batch_form == "angle":
+        batch = relation.rkd_loss(t, s, axis_name=axis_name)
+      else:
+        t, s = (_ops.global_rows(x, axis_name) for x in (t, s))
+        centred = lambda x: (x - jnp.mean(x, axis=0))[None]
+        batch = relation.relation_loss(centred(t), centred(s))
+      loss = loss + rho * batch
     return loss
 
-  def _teacher_view(self, teacher_out, masks):
+  def _teacher_view(self, teacher_out, masks, axis_name=None):
     """(teacher_out, masks) with the teacher's side rolled by `teacher_shift`
-    records: the control reads another record's teacher, consistently."""
+    records of the global batch: the control reads another record's
+    teacher, consistently, whatever the rows per device."""
     if not self.teacher_shift:
       return teacher_out, masks
-    roll = lambda x: jnp.roll(x, self.teacher_shift, axis=0)
+    roll = lambda x: _ops.global_roll(x, self.teacher_shift, axis_name)
     return jax.tree.map(roll, teacher_out), {
         k: roll(v) if k.startswith("teacher") and v is not None else v
         for k, v in masks.items()}
@@ -323,22 +332,25 @@ class Objective:
     return jax.lax.stop_gradient(out)
 
   def combine(self, task_loss, head_params, student_out, teacher_out, *,
-              labels=None, label_mask=None, masks=None):
+              labels=None, label_mask=None, masks=None, axis_name=None):
     """(L, terms): Eq. 9 around `task_loss`, the distillation terms only
-    when α > 0."""
+    when α > 0 (`axis_name`: see `distill_terms`)."""
     distill = {}
     if self.alpha > 0:
       distill = self.distill_terms(head_params, student_out, teacher_out,
-                                   labels, label_mask, masks)
+                                   labels, label_mask, masks,
+                                   axis_name=axis_name)
     total = evl_loss(task_loss, distill, alpha=self.alpha,
                      weights=self.term_weights)
     return total, {"ce": task_loss, **distill}
 
   def __call__(self, head_params, student_out, teacher_out, labels,
-               label_mask=None):
-    ce = task.sigmoid_bce_loss(student_out[0], labels, mask=label_mask)
+               label_mask=None, *, axis_name=None):
+    ce = task.sigmoid_bce_loss(student_out[0], labels, mask=label_mask,
+                               axis_name=axis_name)
     return self.combine(ce, head_params, student_out, teacher_out,
-                        labels=labels, label_mask=label_mask)
+                        labels=labels, label_mask=label_mask,
+                        axis_name=axis_name)
 
 
 def make_objective(*, alpha: float, kd_weight: float = 0.0,

@@ -1,4 +1,5 @@
-"""Geometric relation loss of EVL-ECG (within-sequence token geometry)."""
+"""Relation losses: EVL-ECG's token geometry within a sequence (relation_loss)
+and RKD's across the global batch's records (rkd_loss)."""
 
 from __future__ import annotations
 
@@ -55,11 +56,11 @@ def relation_loss(teacher_tokens, student_tokens, *, mask=None):
 
 
 def rkd_loss(teacher_emb, student_emb, *, distance_weight=1.0,
-             angle_weight=2.0):
+             angle_weight=2.0, axis_name=None):
   """Relational KD (Park et al., CVPR 2019): λ_D L_RKD-D + λ_A L_RKD-A.
 
-  Relations are taken across the batch. With l_δ the Huber (smooth-L1) loss,
-  δ = 1:
+  Relations are taken across the global batch. With l_δ the Huber
+  (smooth-L1) loss, δ = 1:
     L_RKD-D = mean_{i≠j} l_δ(ψ_D(t_i, t_j), ψ_D(s_i, s_j)),
       ψ_D(x_i, x_j) = ‖x_i − x_j‖ / μ, μ the mean distance over pairs i≠j;
     L_RKD-A = mean_{i,j,k distinct} l_δ(ψ_A(t_i, t_j, t_k), ψ_A(s_i, s_j, s_k)),
@@ -69,29 +70,40 @@ def rkd_loss(teacher_emb, student_emb, *, distance_weight=1.0,
   λ_A = 2 are the paper's weights. Invariant to rotation, translation and
   uniform scaling of either embedding; widths may differ.
 
+  Under a per-device step (`axis_name`), the rows of every device are
+  gathered (B × (Dt + Ds) values); each device computes the B × B
+  distances and the angles at its own apexes j ([b, B, B], not [B, B, B]),
+  and the apex means are summed over the axis (`_ops` has the gradient
+  convention).
+
   Args:
-    teacher_emb: [B, Dt] teacher embeddings (B ≥ 3 for the angle term).
-    student_emb: [B, Ds] student embeddings.
+    teacher_emb: [b, Dt] teacher embeddings (B ≥ 3 for the angle term).
+    student_emb: [b, Ds] student embeddings.
     distance_weight: λ_D.
     angle_weight: λ_A.
+    axis_name: the data axis of a per-device step, or None (all rows here).
 
   Returns:
-    Scalar float32.
+    Scalar float32, the global batch's value on every device.
   """
   t, s = _ops.f32(teacher_emb, student_emb)
   if t.ndim != 2 or s.ndim != 2 or t.shape[0] != s.shape[0]:
     raise ValueError(f"rkd_loss: teacher {t.shape} and student {s.shape} must "
                      "be [B, D] with the same batch.")
+  own = _ops.own_rows(axis_name, t.shape[0])
+  t, s = (_ops.global_rows(x, axis_name) for x in (t, s))
   pairs = _ops.pair_mask(None, t.shape[0])
   loss_d = _pair_mean(optax.huber_loss(normalized_distances(s[None], pairs),
                                        normalized_distances(t[None], pairs)),
                       pairs)[0]
-  # angle[j, i, k] = cos of the angle at x_j between x_i − x_j and x_k − x_j.
-  angle_t, angle_s = (_ops.cosine_matrix(x[None, :, :] - x[:, None, :])
+  # angle[j, i, k] = cos of the angle at x_j between x_i − x_j and x_k − x_j,
+  # for this device's apexes j.
+  angle_t, angle_s = (_ops.cosine_matrix(x[None, :, :] - x[own, None, :])
                       for x in (t, s))
   off = pairs[0]
-  distinct = off[:, :, None] * off[:, None, :] * off[None]
-  # Every apex j has (B−1)(B−2) triplets: the mean of the per-j means is the
-  # mean over all triplets.
-  loss_a = jnp.mean(_pair_mean(optax.huber_loss(angle_s, angle_t), distinct))
+  distinct = off[own, :, None] * off[own, None, :] * off[None]
+  # Every apex j has (B−1)(B−2) triplets: the mean of the per-apex means is
+  # the mean over all triplets.
+  apex_sum = jnp.sum(_pair_mean(optax.huber_loss(angle_s, angle_t), distinct))
+  loss_a = _ops.global_sum(apex_sum, axis_name) / t.shape[0]
   return distance_weight * loss_d + angle_weight * loss_a

@@ -79,12 +79,20 @@ class Pmap:
         params, parallel.split_batch(batch, jax.local_device_count())))
 
   def diagnoser(self, diagnose_fn):
-    """`diagnose_fn(params, teacher_params, batch) -> {name: scalar}` per
-    device on a training batch -> {name: float}, averaged over devices."""
-    p_diagnose = jax.pmap(diagnose_fn, axis_name=parallel.AXIS,
-                          in_axes=(None, None, 0))
-    return lambda params, teacher_params, batch: _host_means(p_diagnose(
-        params, teacher_params, self.put_batch(batch)))
+    """`diagnose_fn(params, teacher_params, batch) -> {name: scalar}` on
+    this process's whole training batch -> {name: float}.
+
+    One program on the first local device, not one per device: the
+    diagnostics are batch statistics (CKA, gradient shares and cosines, the
+    shuffled teacher), which per-device values averaged would not give.
+    In a multi-process run each process reads its own rows.
+    """
+    fn = jax.jit(diagnose_fn)
+    first = lambda tree: jax.tree.map(
+        lambda x: x.addressable_shards[0].data if isinstance(x, jax.Array)
+        else x, tree)
+    return lambda params, teacher_params, batch: _host_means(fn(
+        first(params), first(teacher_params), batch))
 
 
 class Spmd:

@@ -28,9 +28,12 @@ class SignalTask:
     return (batch["ecg"],), {}
 
   @staticmethod
-  def loss(objective, head_params, student_out, teacher_out, batch):
+  def loss(objective, head_params, student_out, teacher_out, batch,
+           axis_name=None):
+    """(loss, terms) of the global batch; `axis_name`: the step's data
+    axis, None when this call sees every row."""
     return objective(head_params, student_out, teacher_out, batch["labels"],
-                     batch.get("label_mask"))
+                     batch.get("label_mask"), axis_name=axis_name)
 
   @staticmethod
   def masks(batch):
@@ -122,7 +125,8 @@ def train_step(state, teacher_params, batch, *, model, teacher, objective,
       out = model.apply({"params": p["model"]}, *args, train=True,
                         rngs={"dropout": micro_rng},
                         taps=objective.model_taps("student"), **kwargs)
-      return task.loss(objective, p.get("heads"), out, t_out, micro)
+      return task.loss(objective, p.get("heads"), out, t_out, micro,
+                       axis_name=axis_name)
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return grads, {"loss": loss, **terms}

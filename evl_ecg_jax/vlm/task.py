@@ -49,9 +49,13 @@ class VLMTask:
             "student_logits": batch[f"answer_{tok}"],
             "teacher_logits": batch.get("answer_teacher")}
 
-  def loss(self, objective, head_params, student_out, teacher_out, batch):
+  def loss(self, objective, head_params, student_out, teacher_out, batch,
+           axis_name=None):
+    """(loss, terms); the token CE is the global batch's mean over answer
+    tokens (`axis_name`: the step's data axis, None: every row here)."""
     tok = self.tokens_of("student")
     ce = task_losses.token_ce_loss(student_out[0], batch[f"targets_{tok}"],
-                                   mask=batch[f"answer_{tok}"])
+                                   mask=batch[f"answer_{tok}"],
+                                   axis_name=axis_name)
     return objective.combine(ce, head_params, student_out, teacher_out,
-                             masks=self.masks(batch))
+                             masks=self.masks(batch), axis_name=axis_name)
