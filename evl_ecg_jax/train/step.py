@@ -100,8 +100,9 @@ def train_step(state, teacher_params, batch, *, model, teacher, objective,
       micro-batches (`micro_batches`), run one after the other in a
       `lax.scan`, and their gradients and metrics are averaged in float32
       before the single update. Equal to one big batch for every loss that
-      is a mean over examples (all but RKD's and the label-masked CE's
-      batch-level normalisation).
+      is a mean over examples; a cross-record term (masked means, batch
+      relations, the shuffled teacher) is each micro-batch's, which
+      config.grad_accum_batch_terms must accept.
 
   Returns:
     (new state, metrics averaged over the batch and `axis_name`).
