@@ -67,3 +67,47 @@ def test_missing_teacher_checkpoint():
   # Task-loss-only distillation needs no teacher.
   _check(default.get_config("mode=distill,loss=ce"),
          has_checkpoint=lambda p: False)
+
+
+def _distill(loss, batch_size=16, accum=1, **fields):
+  config = default.get_config(f"mode=distill,loss={loss}")
+  config.teacher.init = "/t"
+  config.data.batch_size, config.grad_accum_steps = batch_size, accum
+  for field, value in fields.items():
+    block, key = field.split("__")
+    config[block][key] = value
+  return config
+
+
+@pytest.mark.parametrize("loss,batch_size,accum,fields,match", [
+    # Relations of fewer than 3 records (RKD's angles are triplets).
+    ("evl", 8, 4, {}, r"config.data.batch_size=8.*at least 3 records.*"
+     r"loss.relation_batch_share.*2 with grad_accum_steps=4"),
+    ("rkd", 16, 8, {}, r"at least 3 records.*loss.rkd_weight"),
+    # A roll of one record is itself: the control would be EVL.
+    ("kd", 8, 8, {"loss__shuffle_teacher": True},
+     r"at least 2 records.*loss.shuffle_teacher"),
+    # Accumulation of cross-record terms is refused unless named.
+    ("evl", 16, 2, {}, r"config.grad_accum_batch_terms='refuse'.*"
+     r"'micro_batch'.*loss.relation_batch_share"),
+    ("kd", 16, 2, {"data__label_fraction": 0.25},
+     r"grad_accum_batch_terms.*data.label_fraction"),
+])
+def test_check_refuses_inexact_cross_record_terms(loss, batch_size, accum,
+                                                  fields, match):
+  # One device: on 8, data.batch_size is already a multiple of 8 x accum.
+  with pytest.raises(config_lib.ConfigError, match=match):
+    _check(_distill(loss, batch_size, accum, **fields), num_devices=1)
+
+
+def test_cross_record_terms_accumulate_only_when_named():
+  _check(_distill("kd", 16, 2))  # means over records: exact
+  config = _distill("evl", 16, 2)
+  config.grad_accum_batch_terms = "micro_batch"
+  _check(config)  # each micro-batch's relations, as named
+  config.grad_accum_batch_terms = "whole"
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"grad_accum_batch_terms='whole'.*'micro_batch'"):
+    _check(config)
+  # Without a teacher term nothing relates records.
+  _check(_distill("ce", 8, 8), num_devices=1)

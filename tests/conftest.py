@@ -103,7 +103,7 @@ def tfds_dir(tmp_path_factory):
 # to 30 s) go first and the many short files fill in behind them instead
 # of one long file finishing alone at the end.
 _LONGEST_FIRST = (
-    "losses/ot_test.py", "train/preemption_test.py",
+    "train/global_batch_test.py", "losses/ot_test.py", "train/preemption_test.py",
     "train/parallel_modes_test.py", "export/export_test.py",
     "losses/evl_test.py", "smoke_test.py", "train/diagnostics_test.py",
     "vlm/fit_test.py", "models/models_test.py", "train/transfer_test.py",

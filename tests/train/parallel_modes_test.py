@@ -192,23 +192,3 @@ def test_boxed_state_keeps_logical_axes_for_sharding():
       mu, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
   # Adam's moments carry their params' logical axes.
   assert [b.names for b in mu_boxes] == [b.names for b in boxes]
-
-
-def _one_device():
-  mesh = parallel.make_mesh(("data", "fsdp", "tensor"), (1, 1, 1),
-                            devices=jax.devices()[:1])
-  return runner_lib.Spmd(mesh, _config().sharding.rules)
-
-
-@pytest.mark.parametrize("per_device", [1, 2])
-def test_shipped_evl_batch_relations_are_the_global_batch_s(per_device,
-                                                           monkeypatch):
-  # loss=evl as shipped (relation_batch_share=1, RKD's angle form): its
-  # relation term compares the records of the global batch. Before the
-  # gather, pmap's relation term was 0 at 1-2 records per device.
-  monkeypatch.setitem(globals(), "BATCH", 8 * per_device)
-  shipped = dict(default.get_config(
-      "size=tiny,teacher=vit1d,model=cnn1d,loss=evl").loss)
-  one = _run(_one_device(), loss=shipped, tx=SGD)
-  assert one[1][0]["relation"] > 1e-3
-  _assert_same(one, _run(runner_lib.Pmap(), loss=shipped, tx=SGD))
