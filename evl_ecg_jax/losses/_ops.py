@@ -34,11 +34,6 @@ def axis_size(axis_name) -> int:
   return 1 if axis_name is None else jax.lax.axis_size(axis_name)
 
 
-def with_gradient_of(value, share):
-  """`value`'s value with `share`'s gradient."""
-  return share + jax.lax.stop_gradient(value - share)
-
-
 def global_rows(x, axis_name):
   """[b, ...] of this device -> [B, ...] of every device, in device order.
 
@@ -70,20 +65,21 @@ def _from_device(x, offset, axis_name):
 def global_roll(x, shift: int, axis_name):
   """`jnp.roll(global_rows(x), shift, axis=0)`'s rows of this device.
 
-  Row r of the global batch gets row r − shift (mod B). Moves only what
-  crosses devices: one or two `ppermute`s of this device's rows, never the
-  global batch. No gradient is expected through it (the teacher's side).
+  Row r of the global batch gets row r − shift (mod B). Moves only the
+  rows that cross devices (`ppermute`s; a shift of 1 sends one row per
+  device), never the global batch. No gradient is expected through it (the
+  teacher's side).
   """
   if axis_name is None:
     return jnp.roll(x, shift, axis=0)
   b = x.shape[0]
   shift %= b * axis_size(axis_name)
   whole, part = divmod(shift, b)
-  near = _from_device(x, whole, axis_name)
   if not part:
-    return near
-  far = _from_device(x, whole + 1, axis_name)
-  return jnp.concatenate([far[b - part:], near[:b - part]], axis=0)
+    return _from_device(x, whole, axis_name)
+  return jnp.concatenate([_from_device(x[b - part:], whole + 1, axis_name),
+                          _from_device(x[:b - part], whole, axis_name)],
+                         axis=0)
 
 
 def global_sum(x, axis_name):
@@ -93,7 +89,8 @@ def global_sum(x, axis_name):
   if axis_name is None:
     return x
   value = jax.lax.psum(jax.lax.stop_gradient(x), axis_name)
-  return with_gradient_of(value, axis_size(axis_name) * x)
+  share = axis_size(axis_name) * x
+  return share + jax.lax.stop_gradient(value - share)
 
 
 def masked_mean(x, mask=None, *, axis_name=None):

@@ -201,3 +201,35 @@ def test_vlm_token_ce_and_relations_are_the_global_batch_s(vlm_pair,
   assert one[1][0]["relation"] > 1e-3 and one[1][0]["ce"] > 1e-3
   for mode in MODES:
     _assert_same(one, _fit(mode, run))
+
+
+@pytest.mark.parametrize("loss", ["rkd", "evl_shuffled", "kd"])
+def test_bytes_the_cross_record_terms_move(loss):
+  # What the AOT report counts (docs/scale.md): the objective's collectives
+  # per device on 16 data shards (4 records each), from its jaxpr on an
+  # abstract mesh. The relations gather the pooled student and teacher rows
+  # of the global batch (B x width x 4 bytes each) and hand each device its
+  # own rows' gradient back (a reduce-scatter of b x student width); the
+  # control's roll by one record sends one row of each teacher output; KD
+  # moves scalars only.
+  from evl_ecg_jax import aot  # pylint: disable=g-import-not-at-top
+  config = default.get_config(f"mode=distill,loss={loss},size=tiny")
+  objective = losses.make_objective(**dict(config.loss))
+  example = jnp.zeros((1, 1000, 12))
+  student, teacher = loop.build_models(config, objective, example.shape)
+  shapes = aot._loss_shapes(config, 64, student, teacher, objective, example)  # pylint: disable=protected-access
+  moved = aot.cross_record_bytes(objective, shapes, 16)
+  if loss == "kd":
+    assert set(moved) == {"psum"} and moved["psum"] <= 16, moved
+    return
+  pooled = [[x.shape[-1] for x in jax.tree.leaves(out[1]) if x.ndim == 2]
+            for out in shapes[1:3]]
+  assert [len(p) for p in pooled] == [1, 1], pooled
+  (s_width,), (t_width,) = pooled
+  assert moved["all_gather"] == 64 * (s_width + t_width) * 4, moved
+  assert moved["reduce_scatter"] == 4 * s_width * 4, moved
+  if loss == "evl_shuffled":
+    row = sum(x.size // 64 * 4 for x in jax.tree.leaves(shapes[2]))
+    assert moved["ppermute"] == row, (moved, row)
+  else:
+    assert "ppermute" not in moved
