@@ -124,6 +124,7 @@ def compile_step(config, topology_name: str, batch_size: int = 0,
                  hbm_gib: float = 0.0) -> dict:
   """Lowers + compiles the spmd train step; returns the report dict."""
   import jax  # pylint: disable=g-import-not-at-top
+  from evl_ecg_jax import cost  # pylint: disable=g-import-not-at-top
   from evl_ecg_jax.train import loop  # pylint: disable=g-import-not-at-top
   from evl_ecg_jax.train import runner as runner_lib  # pylint: disable=g-import-not-at-top
 
@@ -184,9 +185,9 @@ def compile_step(config, topology_name: str, batch_size: int = 0,
                        example))
   if not isinstance(example, dict) and teacher is not None:
     report["batch_shards"] = run.batch_shards
-    report["cross_record_bytes"] = cross_record_bytes(
-        objective, _loss_shapes(config, batch, student, teacher, objective,
-                                example), run.batch_shards)
+    report["cross_record_bytes"] = cost.cross_record_bytes(
+        objective, cost.loss_shapes(config, batch, student, teacher,
+                                    objective, example), run.batch_shards)
   peak = topo.num_chips * topo.chip.bf16_tflops * 1e12
   report.update({"peak_bf16_flops_per_s": peak,
                  "step_s_at_100pct": report["model_flops_per_step"] / peak,
@@ -199,6 +200,7 @@ def _flops(config, batch, student, teacher, objective, task,
            example) -> dict:
   """Model FLOPs of one step (see the module docstring)."""
   import jax  # pylint: disable=g-import-not-at-top
+  from evl_ecg_jax import cost  # pylint: disable=g-import-not-at-top
   from evl_ecg_jax import models  # pylint: disable=g-import-not-at-top
   s_fwd, t_fwd = (0 if m is None else models.flops_per_example(
       m, inputs=task.inputs(example if isinstance(example, dict) else
@@ -209,8 +211,8 @@ def _flops(config, batch, student, teacher, objective, task,
     return {"model_flops_per_step": batch * (3 * s_fwd + t_fwd),
             "student_fwd_flops_per_example": s_fwd,
             "teacher_fwd_flops_per_example": t_fwd}
-  heads, s_out, t_out, labels = _loss_shapes(config, batch, student,
-                                             teacher, objective, example)
+  heads, s_out, t_out, labels = cost.loss_shapes(config, batch, student,
+                                                teacher, objective, example)
   loss_grad = jax.jit(jax.grad(
       lambda h, s, t, y: objective(h, s, t, y)[0], argnums=(0, 1)))
   loss_flops = float(loss_grad.lower(heads, s_out, t_out, labels)
@@ -225,76 +227,6 @@ def _flops(config, batch, student, teacher, objective, task,
           "teacher_fwd_flops_per_example": t_fwd,
           "loss_flops_per_step": loss_flops + ot,
           "sinkhorn_flops_bound": ot}
-
-
-def _loss_shapes(config, batch, student, teacher, objective, example):
-  """ShapeDtypeStructs of the objective's (heads, student outputs, teacher
-  outputs, labels) for a global batch of a signal config."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  taps_s, taps_t = (objective.model_taps("student"),
-                    objective.model_taps("teacher"))
-  s_out = jax.eval_shape(lambda x: student.init_with_output(
-      jax.random.PRNGKey(0), x, taps=taps_s)[0], example)
-  t_out = jax.eval_shape(lambda x: teacher.init_with_output(
-      jax.random.PRNGKey(0), x, taps=taps_t)[0], example)
-  grow = lambda t: jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct((batch,) + x.shape[1:], x.dtype), t)
-  s_out, t_out = grow(s_out), grow(t_out)
-  labels = jax.ShapeDtypeStruct((batch, len(config.data.class_names)),
-                                jnp.float32)
-  heads = None
-  if objective.heads is not None:
-    heads = jax.eval_shape(lambda s, t: objective.init_heads(
-        jax.random.PRNGKey(0), s, t), s_out[1], t_out[1])
-  return heads, s_out, t_out, labels
-
-
-_COLLECTIVES = ("all_gather", "ppermute", "psum", "psum_invariant",
-                "reduce_scatter", "psum_scatter", "all_to_all", "pmax",
-                "pmin")
-
-
-def cross_record_bytes(objective, shapes, shards: int) -> dict:
-  """{collective: bytes one device receives} of the objective's value and
-  gradient per device on `shards` data shards (the named-axis step of
-  pmap / shard_map; docs/scale.md): what its cross-record terms move per
-  step (all_gather of the batch relations' embeddings and its transpose,
-  the control's ppermute, the masked means' psums). `shapes`: the global
-  (heads, student out, teacher out, labels) of `_loss_shapes`. A collective
-  in a loop body counts once (the objective's are outside loops)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
-
-  def per_device(heads, s_out, t_out, labels):
-    grad = jax.grad(lambda h, s: objective(h, s, t_out, labels,
-                                           axis_name="data")[0],
-                    argnums=(0, 1))
-    return grad(heads, s_out)
-
-  mesh = jax.sharding.AbstractMesh((shards,), ("data",))
-  rows = P("data")
-  fn = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), rows, rows, rows),
-                     out_specs=(P(), rows), check_vma=False)
-  totals = {}
-  for eqn in _eqns(jax.make_jaxpr(fn)(*shapes).jaxpr):
-    if eqn.primitive.name in _COLLECTIVES:
-      totals[eqn.primitive.name] = totals.get(eqn.primitive.name, 0) + sum(
-          v.aval.size * v.aval.dtype.itemsize for v in eqn.outvars)
-  return totals
-
-
-def _eqns(jaxpr):
-  """Every equation of a jaxpr and of the jaxprs in its equations' params."""
-  import jax  # pylint: disable=g-import-not-at-top
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (tuple, list)) else (param,):
-        if isinstance(sub, jax.extend.core.ClosedJaxpr):
-          yield from _eqns(sub.jaxpr)
-        elif isinstance(sub, jax.extend.core.Jaxpr):
-          yield from _eqns(sub)
 
 
 def _count(n: int) -> str:
