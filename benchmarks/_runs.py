@@ -2,25 +2,34 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 
-from evl_ecg_jax import losses
+from evl_ecg_jax.losses import terms
+
+
+def _flat(tree, prefix=""):
+  """{dotted field: value} of a nested dict."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
 
 
 def reusable(config, workdir) -> bool:
   """Whether `workdir` holds a finished run of `config`'s objective. A run
-  of another loss (a default changed since, e.g. loss.relation_batch_form)
-  under the same name is an error, not a silent reuse. A field the stored
-  config lacks (a run older than the field) ran the objective's default."""
+  of another loss (a default changed since, e.g. a term's field) under the
+  same name is an error, not a silent reuse. A term field the stored config
+  lacks (a run older than the field) ran the part's default."""
   if not os.path.exists(os.path.join(workdir, "metrics.json")):
     return False
   with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-    stored = json.load(f)["loss"]
-  wanted = json.loads(json.dumps(config.loss.to_dict()))
-  defaults = {k: p.default for k, p in inspect.signature(
-      losses.make_objective).parameters.items()}
+    stored = _flat(json.load(f)["loss"])
+  wanted = _flat(json.loads(json.dumps(config.loss.to_dict())))
+  defaults = _flat(json.loads(json.dumps({"terms": terms.defaults()})))
   stored = {k: stored.get(k, defaults.get(k)) for k in set(stored) | set(
       wanted)}
   changed = sorted(k for k in stored if stored[k] != wanted.get(k))

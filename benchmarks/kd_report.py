@@ -128,7 +128,7 @@ def _collect_ot_plan(result, protocol, method):
   import jax
   import jax.numpy as jnp
   from evl_ecg_jax import checkpoint
-  from evl_ecg_jax import losses
+  from evl_ecg_jax.train import build
   from evl_ecg_jax import models
   from evl_ecg_jax.data import pipeline
   import ml_collections
@@ -142,7 +142,7 @@ def _collect_ot_plan(result, protocol, method):
   teacher = models.get(config.teacher, n)
   s_params = checkpoint.load_params(workdir)
   t_params = checkpoint.load_params(config.teacher.init)["model"]
-  objective = losses.make_objective(**config.loss)
+  objective = build.objective(config)
   ecg = jnp.asarray(batch["ecg"][:1])
   # Each model selects its own leads from the 12.
   s_out = student.apply({"params": s_params["model"]}, ecg,

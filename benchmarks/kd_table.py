@@ -77,8 +77,8 @@ _PROTOCOLS = flags.DEFINE_list(
     "Protocols (first the two where the teacher knows more than the "
     "student sees).")
 _METHODS = flags.DEFINE_list(
-    "methods", ["ce", "kd", "fitnet", "rkd", "dkd", "tinybert", "uld",
-                "evl_paper", "evl", "evl_no_mhca", "evl_no_ot", "evl_no_rel",
+    "methods", ["ce", "kd", "fitnet", "rkd", "dkd", "tinybert", "uld", "crd",
+                "dist", "evl_paper", "evl", "evl_no_mhca", "evl_no_ot", "evl_no_rel",
                 "evl_shuffled"],
     "Rows (config loss variants).")
 _TEACHERS = flags.DEFINE_list(
@@ -124,19 +124,21 @@ PROTOCOLS = {  # name -> (config variants, config overrides)
     "leads_I+II": ("student_leads=I+II", {}),
     "labels": ("", {"data.label_fraction": 0.1}),
 }
-# The λ fields each method's grid value sets (others keep the config's).
+# The λ fields (of config.loss) each method's grid value sets (others keep
+# the config's).
+_W = "terms.{}.weight".format
 _TUNED = {
-    "kd": ("kd_weight",), "fitnet": ("fitnet_weight",),
-    "rkd": ("rkd_weight",), "dkd": ("dkd_weight",),
-    "tinybert": ("tinybert_weight",), "uld": ("uld_weight",),
-    "evl_paper": ("mhca_weight", "relation_weight", "ot_weight"),
+    "kd": (_W("kd"),), "fitnet": (_W("fitnet"),), "rkd": (_W("rkd"),),
+    "dkd": (_W("dkd"),), "tinybert": (_W("tinybert"),), "uld": (_W("uld"),),
+    "crd": (_W("crd"),), "dist": (_W("dist"),),
+    "evl_paper": (_W("mhca"), _W("relation"), _W("ot")),
 }
 # EVL's λ per term, tuned one at a time in this order from configs'
 # defaults (λ_kd: the optional logit-KD term, 0 = off).
-_EVL_GRID = (("relation_weight", (0.3, 1.0, 3.0)),
-             ("ot_weight", (0.3, 1.0, 3.0)),
-             ("mhca_weight", (0.01, 0.1, 1.0)),
-             ("kd_weight", (0.0, 1.0)))
+_EVL_GRID = ((_W("relation"), (0.3, 1.0, 3.0)),
+             (_W("ot"), (0.3, 1.0, 3.0)),
+             (_W("mhca"), (0.01, 0.1, 1.0)),
+             (_W("kd"), (0.0, 1.0)))
 
 
 def _family(method):
@@ -262,7 +264,7 @@ def _student_config(method, protocol, seed, teacher_spec, teacher_dir,
   if method.startswith("evl_no_"):  # the ablated term stays off
     off = {"evl_no_mhca": "mhca", "evl_no_ot": "ot",
            "evl_no_rel": "relation"}[method]
-    loss[f"loss.{off}_weight"] = 0.0
+    loss[f"loss.{_W(off)}"] = 0.0
   # The teacher is frozen and no augmentation is on: read its outputs from
   # the cache (train/teacher_cache.py) instead of running it every step.
   # Diagnostics (their own compiles) only where the report draws them.
@@ -277,7 +279,7 @@ def _student_config(method, protocol, seed, teacher_spec, teacher_dir,
 def _name(prefix, method, weights, steps, seed):
   """The λ and the length are part of the name: a rerun with other choices
   never reuses a run made with different ones."""
-  tag = "_".join(f"{k.split('_')[0]}{v:g}" for k, v in sorted(weights.items()))
+  tag = "_".join(f"{k.split('.')[1]}{v:g}" for k, v in sorted(weights.items()))
   return f"{prefix}_{method}{'_' + tag if tag else ''}_s{steps}_seed{seed}"
 
 
@@ -316,7 +318,8 @@ def _tune_evl(steps, teacher_spec, teacher_dir, first=()):
   """EVL's λ per term, one term at a time (_EVL_GRID); returns the choice
   and every (field, value, score) tried. `first`: other candidates run
   with the first term's grid (their scores are returned too)."""
-  chosen = {f: default.get_config("loss=evl").loss[f] for f, _ in _EVL_GRID}
+  loss = default.get_config("loss=evl").loss
+  chosen = {f: loss.terms[f.split(".")[1]].weight for f, _ in _EVL_GRID}
   tried, others = [], None
   for field, values in _EVL_GRID:
     grid = [("evl", dict(chosen, **{field: float(v)}), steps)

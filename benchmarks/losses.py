@@ -21,6 +21,7 @@ deviation from a tight solve (threshold 1e-5). Writes sinkhorn.json / .md.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -36,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import _timing  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import default  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from evl_ecg_jax import losses  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from evl_ecg_jax.losses import terms as terms_lib  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 _OUT = flags.DEFINE_string("out", "workdir/benchmarks", "Output directory.")
 _SCALES = flags.DEFINE_list("scales", ["demo", "paper"], "Scales to run.")
@@ -46,14 +48,15 @@ SCALES = {  # (B, N, Dt, M, Ds, MHCA heads, MHCA qkv width)
     "demo": (32, 250, 64, 63, 32, 2, 32),
     "paper": (32, 256, 1024, 64, 2048, 8, 1024),
 }
-OT = dict(ot_epsilon=0.1, ot_threshold=1e-3, ot_max_iterations=1000)
+OT = terms_lib.OT(epsilon=0.1).settings()  # the paper's form, the defaults
 
 
-def _objective_case(weights, heads, qkv, h_s, h_t, **ot_kwargs):
-  """value_and_grad of the weighted feature terms wrt (heads, student)."""
-  objective = losses.make_objective(alpha=1.0, mhca_heads=heads,
-                                    mhca_qkv_features=qkv,
-                                    **dict(OT, **ot_kwargs), **weights)
+def _objective_case(on, heads, qkv, h_s, h_t):
+  """value_and_grad of the feature terms `on` (weight 1) wrt (heads,
+  student)."""
+  settings = dict(mhca=dict(num_heads=heads, qkv_features=qkv), ot=OT)
+  objective = losses.build_objective(alpha=1.0, terms={
+      name: dict(settings.get(name, {}), weight=1.0) for name in on})
   params = objective.init_heads(jax.random.PRNGKey(0), {"tokens": h_s},
                                 {"tokens": h_t})
 
@@ -89,23 +92,20 @@ def _cases(scale):
       "relation (aligned teacher, student)": _pure_case(
           losses.relation_loss, arr(b, m, ds), h_s),
       "OT, projected tokens, implicit grad": _pure_case(
-          functools.partial(losses.ot_loss, epsilon=0.1, threshold=1e-3),
-          t_unit, s_unit),
+          functools.partial(losses.ot_loss, **OT), t_unit, s_unit),
       "OT, projected tokens, plan stopped": _pure_case(
-          functools.partial(losses.ot_loss, epsilon=0.1, threshold=1e-3,
-                            plan_gradient="stop"), t_unit, s_unit),
-      "MHCA: aligner + L_mhca + guard": obj({"mhca_weight": 1.0}),
-      "OT term: projection + L_ot": obj({"ot_weight": 1.0}),
-      "EVL: MHCA + relation + OT": obj({"mhca_weight": 1.0,
-                                        "relation_weight": 1.0,
-                                        "ot_weight": 1.0}),
-      "EVL without OT": obj({"mhca_weight": 1.0, "relation_weight": 1.0}),
+          functools.partial(losses.ot_loss, **dict(OT, plan_gradient="stop")),
+          t_unit, s_unit),
+      "MHCA: aligner + L_mhca + guard": obj(("mhca",)),
+      "OT term: projection + L_ot": obj(("ot",)),
+      "EVL: MHCA + relation + OT": obj(("mhca", "relation", "ot")),
+      "EVL without OT": obj(("mhca", "relation")),
   }
 
 
 # Sinkhorn settings tried for EVL's OT term (configs/default.py loss=evl:
 # relative ε, debiased, temporal cost, plan stopped, threshold 1e-2):
-# (ot_inner_iterations, ot_momentum).
+# (terms.ot.inner_iterations, terms.ot.momentum).
 SOLVERS = ((10, 1.0), (5, 1.0), (1, 1.0), (10, 1.3), (5, 1.3), (1, 1.3),
            (5, 1.5), (1, 1.5))
 
@@ -123,29 +123,25 @@ def _solver_rows(scale):
   """EVL's OT (value + gradient) per Sinkhorn setting: time, iterations of
   the teacher-to-student solve, and the deviation from a tight solve."""
   b, n, dt, m, _, _, _ = SCALES[scale]
-  loss_cfg = default.get_config("mode=distill,loss=evl").loss
-  kw = dict(epsilon=loss_cfg.ot_epsilon, plan_gradient=loss_cfg.ot_plan_gradient,
-            threshold=loss_cfg.ot_threshold,
-            max_iterations=loss_cfg.ot_max_iterations,
-            time_weight=loss_cfg.ot_time_weight,
-            relative_epsilon=loss_cfg.ot_relative_epsilon,
-            debiased=loss_cfg.ot_debiased,
-            teacher_self_term=loss_cfg.ot_teacher_self_term)
+  evl = terms_lib.build("ot", default.get_config(
+      "mode=distill,loss=evl").loss.terms.ot)
   rng = np.random.default_rng(1)
   t, s = _smooth_tokens(rng, b, n, dt), _smooth_tokens(rng, b, m, dt)
   # The teacher is an argument: closed over, XLA would fold its side.
-  grad = lambda **k: jax.jit(jax.value_and_grad(
-      lambda t, s: losses.ot_loss(t, s, **{**kw, **k}), argnums=1))
-  ref_value, ref_grad = grad(threshold=1e-5, max_iterations=5000)(t, s)
+  grad = lambda part: jax.jit(jax.value_and_grad(
+      lambda t, s: losses.ot_loss(t, s, **part.settings()), argnums=1))
+  ref_value, ref_grad = grad(dataclasses.replace(
+      evl, threshold=1e-5, max_iterations=5000, inner_iterations=10,
+      momentum=1.0))(t, s)
   cases, out = {}, {}
   for inner, omega in SOLVERS:
     name = f"inner {inner}, ω {omega}"
-    fn = grad(inner_iterations=inner, momentum=omega)
+    part = dataclasses.replace(evl, inner_iterations=inner, momentum=omega)
+    fn = grad(part)
     cases[name] = functools.partial(fn, t, s)
     value, g = fn(t, s)
-    _, iters = losses.ot.transport_plans(
-        t, s, **{**kw, "inner_iterations": inner, "momentum": omega},
-        with_iterations=True)
+    _, iters = losses.ot.transport_plans(t, s, **part.settings(),
+                                         with_iterations=True)
     out[name] = {
         "iterations_mean": float(np.mean(iters)),
         "iterations_max": int(np.max(iters)),

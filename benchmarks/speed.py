@@ -36,7 +36,7 @@ from configs import default  # noqa: E402  pylint: disable=g-import-not-at-top,w
 from evl_ecg_jax import losses  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from evl_ecg_jax import models  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from evl_ecg_jax import parallel  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-from evl_ecg_jax.train import loop  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from evl_ecg_jax.train import build  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from evl_ecg_jax.train import optim  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from evl_ecg_jax.train import runner  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from evl_ecg_jax.train import step as step_lib  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
@@ -65,11 +65,12 @@ def _case(config, trained, teacher_block, cached=False):
   if teacher_block:
     teacher = models.get(config[teacher_block], 5)
     teacher_params = models.init_params(teacher, jax.random.PRNGKey(1), x)
-  objective = losses.make_objective(**dict(
-      config.loss, alpha=config.loss.alpha if teacher else 0.0))
+  objective = losses.build_objective(
+      alpha=config.loss.alpha if teacher else 0.0, terms=config.loss.terms,
+      taps=config.loss.taps, shuffle_teacher=config.loss.shuffle_teacher)
   tx = optim.make(config.optim, 1000)
   run = runner.Pmap()
-  state = run.init_state(loop.state_initializer(model, tx, config, x,
+  state = run.init_state(build.state_initializer(model, tx, config, x,
                                                 objective, teacher),
                          jax.random.PRNGKey(0))
   p_step = run.train_step(functools.partial(

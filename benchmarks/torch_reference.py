@@ -107,8 +107,8 @@ def _cases(torch, width):
   aligned, student = arr(B, M, width), arr(B, M, width)
   teacher, projected = unit(arr(B, N, width)), unit(arr(B, M, width))
   ot = functools.partial(losses.ot_loss, epsilon=EPSILON,
-                         plan_gradient="stop", threshold=0.0,
-                         max_iterations=ITERATIONS, inner_iterations=1)
+                         plan_gradient="stop", solver=losses.ot.Solver.of(
+                             0.0, ITERATIONS, 1, 1.0))
   return {
       "relation": (_jax_case(losses.relation_loss, aligned, student),
                    _torch_case(torch, _torch_relation, aligned, student)),

@@ -10,7 +10,7 @@ size=tiny|small|base|large|2b|7b (both models; teacher_size= / student_size=
 set one), teacher=vit1d and model=cnn1d|xresnet1d|convnext1d|vit1d (the
 model families), teacher_leads= / student_leads=all|limb|precordial|I+II|I
 (leads each model reads; e.g. a lead-I wearable student of a 12-lead
-teacher), loss=ce|kd|fitnet|rkd|dkd|tinybert|uld (baselines)|evl (redesigned)|
+teacher), loss=ce|kd|fitnet|rkd|dkd|tinybert|uld|crd|dist (baselines)|evl (redesigned)|
 evl_paper (the paper's formulation)|evl_no_mhca|evl_no_rel|evl_no_ot|
 evl_shuffled (EVL fed another record's teacher: the control),
 data=synthetic|synthetic500|synthetic_tiny|ptbxl|ptbxl500,
@@ -31,6 +31,7 @@ import os
 import ml_collections
 
 from evl_ecg_jax import config as config_lib
+from evl_ecg_jax.losses import terms as terms_lib
 from evl_ecg_jax.models import presets
 
 # Model sizes: evl_ecg_jax/models/presets.py (tiny|small|base|large for every
@@ -56,44 +57,44 @@ _FOLDS = {
     "shared": dict(train="+".join(f"fold{k}" for k in range(1, 8)),
                    validation="fold8", test="fold9"),
 }
-# loss variant -> the λ_k of the objective's terms (losses.objective.TERMS)
-# and the loss/optim fields it departs on; `ce` has α = 0 (no teacher).
-# Baselines: λ = 1 with each method's own internal weights (RKD λ_D = 1,
-# λ_A = 2; DKD α = 1, β = 8; TinyBERT = its hidden-state terms + logit KD).
-# benchmarks/kd_table.py re-chooses every λ on validation (per term for EVL).
-_NO_TERMS = dict(kd_weight=0.0, mhca_weight=0.0, relation_weight=0.0,
-                 ot_weight=0.0, fitnet_weight=0.0, tinybert_weight=0.0,
-                 rkd_weight=0.0, dkd_weight=0.0, uld_weight=0.0)
-# EVL as the paper writes it: one λ tied across the three terms, MHCA
-# without positions, relations within a sequence, entropic OT at an
-# absolute ε with the exact gradient. λ = 0.01 was the best of 1 / 0.1 /
-# 0.03 / 0.01 on validation; it leaves the student where task-only puts it
-# (docs/evl.md: the terms transfer nothing there, and collapse it at λ = 1).
-_EVL_PAPER = dict(_NO_TERMS, mhca_weight=0.01, relation_weight=0.01,
-                  ot_weight=0.01)
-# EVL redesigned so that each term carries the teacher (docs/evl.md has the
-# diagnostics behind every field; the loss fields below say why each one).
-_EVL = dict(
-    _NO_TERMS, kd_weight=1.0, mhca_weight=0.1, relation_weight=1.0,
-    ot_weight=1.0, mhca_time_sigma=0.02, relation_batch_share=1.0,
-    relation_batch_form="angle",
-    ot_plan_gradient="stop", ot_time_weight=1.0, ot_relative_epsilon=True,
-    ot_debiased=True, ot_teacher_self_term=False, ot_threshold=1e-2,
-    ot_max_iterations=100, ot_inner_iterations=5, ot_momentum=1.5,
-    optim=dict(heads_grad_clip_norm=1.0))
+# loss variant -> the settings it gives the terms (dotted fields of
+# config.loss, over the parts' defaults in evl_ecg_jax/losses/terms.py) and
+# the optim fields it departs on; `ce` has α = 0 (no teacher). Baselines:
+# weight 1 with each method's own internal weights. benchmarks/kd_table.py
+# re-chooses every λ on validation (per term for EVL); docs/evl.md has the
+# measurements behind every departure of `evl` from `evl_paper`.
+_EVL_PAPER = {"terms.mhca.weight": 0.01, "terms.relation.weight": 0.01,
+              "terms.ot.weight": 0.01}  # one λ, tied (the paper's sum)
+_EVL = {
+    "terms.kd.weight": 1.0, "terms.mhca.weight": 0.1,
+    "terms.relation.weight": 1.0, "terms.ot.weight": 1.0,
+    "terms.mhca.time_sigma": 0.02,  # MHCA keeps the tokens' order
+    # Relations across the batch's records, with RKD's potentials.
+    "terms.relation.batch_share": 1.0, "terms.relation.batch_form": "angle",
+    # Temporal, debiased OT at a relative ε, a looser and faster solve.
+    "terms.ot.plan_gradient": "stop", "terms.ot.time_weight": 1.0,
+    "terms.ot.relative_epsilon": True, "terms.ot.debiased": True,
+    "terms.ot.teacher_self_term": False, "terms.ot.threshold": 1e-2,
+    "terms.ot.max_iterations": 100, "terms.ot.inner_iterations": 5,
+    "terms.ot.momentum": 1.5,
+    "optim.heads_grad_clip_norm": 1.0,  # the heads on their own clip
+}
 _LOSS_VARIANTS = {
-    "ce": _NO_TERMS,
-    "kd": dict(_NO_TERMS, kd_weight=1.0),
-    "fitnet": dict(_NO_TERMS, fitnet_weight=1.0),
-    "rkd": dict(_NO_TERMS, rkd_weight=1.0),
-    "dkd": dict(_NO_TERMS, dkd_weight=1.0),
-    "tinybert": dict(_NO_TERMS, kd_weight=1.0, tinybert_weight=1.0),
-    "uld": dict(_NO_TERMS, uld_weight=1.0),
+    "ce": {},
+    "kd": {"terms.kd.weight": 1.0},
+    "fitnet": {"terms.fitnet.weight": 1.0},
+    "rkd": {"terms.rkd.weight": 1.0},
+    "dkd": {"terms.dkd.weight": 1.0},
+    "tinybert": {"terms.kd.weight": 1.0, "terms.tinybert.weight": 1.0},
+    # T of the signal table's ULD runs (KD's; the part's default is ULD's).
+    "uld": {"terms.uld.weight": 1.0, "terms.uld.temperature": 2.0},
+    "crd": {"terms.crd.weight": 1.0},
+    "dist": {"terms.dist.weight": 1.0},
     "evl_paper": _EVL_PAPER,
     "evl": _EVL,
-    "evl_no_mhca": dict(_EVL, mhca_weight=0.0),
-    "evl_no_rel": dict(_EVL, relation_weight=0.0),
-    "evl_no_ot": dict(_EVL, ot_weight=0.0),
+    "evl_no_mhca": dict(_EVL, **{"terms.mhca.weight": 0.0}),
+    "evl_no_rel": dict(_EVL, **{"terms.relation.weight": 0.0}),
+    "evl_no_ot": dict(_EVL, **{"terms.ot.weight": 0.0}),
     # The control: EVL fed the teacher outputs of another record.
     "evl_shuffled": dict(_EVL, shuffle_teacher=True),
 }
@@ -110,93 +111,34 @@ def _layer_taps(block):
 
 
 def _loss_config(loss, student, teacher):
-  """config.loss of variant `loss` (and the optim fields it sets)."""
-  # L = (1 − α)·L_CE + α·(λ_kd·L_kd + λ_m·L_mhca + λ_r·L_rel + λ_ot·L_ot)
-  # (EVL-ECG Eq. 9; λ_kd = 0 in the paper's EVL, 1 in ours, KD uses only it).
-  # The keys are exactly the arguments of `losses.make_objective`.
+  """(config.loss, {optim field: value}) of variant `loss`."""
+  # L = (1 − α)·L_CE + α·Σ_k λ_k·L_k (EVL-ECG Eq. 9): one section per term
+  # k of evl_ecg_jax/losses/terms.py (its fields and what each does), λ_k =
+  # terms.<k>.weight, 0 = off. Override as --config.loss.terms.ot.epsilon=…
   if loss not in _LOSS_VARIANTS:
     raise config_lib.ConfigError(
         f"Config variant loss={loss!r}: expected one of "
         f"{sorted(_LOSS_VARIANTS)}.")
-  variant = dict(_LOSS_VARIANTS[loss])
-  optim_variant = variant.pop("optim", {})
   config = ml_collections.ConfigDict(dict(
       alpha=0.0 if loss == "ce" else 0.5,  # α: weight of distillation.
-      kd_temperature=2.0,  # T of the logit-KD term.
-      # Feature taps read by the terms (models.tap_names lists a model's):
-      # hidden states for MHCA, relation and FitNet, visual tokens for OT,
-      # pooled embeddings for RKD, (student, teacher) layer pairs for
-      # TinyBERT (at 1/3, 2/3 and the end of each model).
-      student_hidden_tap="tokens", teacher_hidden_tap="tokens",
-      student_ot_tap="tokens", teacher_ot_tap="tokens",
-      student_embed_tap="pooled", teacher_embed_tap="pooled",
-      tinybert_layer_map=tuple(zip(_layer_taps(student),
-                                   _layer_taps(teacher))),
-      dkd_alpha=1.0,  # DKD's TCKD weight (Zhao et al. 2022).
-      dkd_beta=8.0,  # DKD's NCKD weight.
-      mhca_heads=2,  # heads of the MHCA aligner (W^Q, W^K, W^V, W^O).
-      mhca_qkv_features=0,  # 0: the student width.
-      mhca_reconstruction_weight=1.0,  # γ: the aligner's anti-collapse term.
-      # Departures from the paper (its values here; `evl` sets ours).
-      # σ of a Gaussian prior on MHCA logits over |τ_i − τ_j| (fractions of
-      # the record; 0: none). Without it Ĥ_t is one vector repeated at every
-      # position (token cosine 0.95): teacher and student tokens cover the
-      # same 10 s in order, and the prior keeps that order (cosine 0.7).
-      mhca_time_sigma=0.0,
-      mhca_temperature=1.0,  # τ on MHCA logits (1: the paper's softmax).
-      # Linear map of H_s before L_mhca, so the student need not equal Ĥ_t.
-      mhca_projection=False,
-      # ρ: L_rel = (1 − ρ)·relations within a sequence (paper) + ρ·relations
-      # across the records of a batch (centred embeddings). Within-sequence
-      # relations of Ĥ_t carry no record identity (gradient cosine 0.996
-      # with a shuffled teacher); across records they do.
-      relation_batch_share=0.0,
-      # Potentials of the across-records relations: "cosine" compares
-      # normalised distances and cosines of the batch-centred embeddings
-      # (the paper's two relations, moved across records); "angle" compares
-      # distances and the angle at every record of each triplet (RKD's, Park
-      # et al. 2019). In `evl` on validation (4 seeds, labels protocol):
-      # cosine 0.9115, angle 0.9171-0.9199, RKD alone 0.9151 (docs/evl.md).
-      relation_batch_form="cosine",
-      # The control: teacher outputs of another record (a roll of the
-      # batch). Must erase EVL's gain if the gain is transfer.
+      # The control: the teacher outputs of another record (a roll of the
+      # global batch). Must erase EVL's gain if the gain is transfer.
       shuffle_teacher=False,
-      ot_epsilon=0.1,  # ε: absolute, or × the cost's spread (relative).
-      ot_plan_gradient="implicit",  # "implicit" (exact) or "stop".
-      # Sinkhorn marginal-error tolerance (`evl`: 1e-2 and ≤ 100 iterations,
-      # enough for a plan that steers the student, at a third of the cost).
-      ot_threshold=1e-3,
-      ot_max_iterations=1000,
-      # β of the temporal OT cost ‖x_i − y_j‖² + β(τ_i − τ_j)²: the paper's
-      # plan is near the independent one (mass near the time diagonal
-      # 0.080 vs 0.078 uniform); with β = 1 it is 0.26.
-      ot_time_weight=0.0,
-      # ε × the std of each sequence's costs (stop-gradient), so that the
-      # plan's sharpness does not drift as the features scale.
-      ot_relative_epsilon=False,
-      # The Sinkhorn divergence OT(s,t) − ½OT(s,s) − ½OT(t,t): entropic OT
-      # alone is minimised by shrinking the student's token spread.
-      ot_debiased=False,
-      # With ot_debiased: False leaves out the teacher's self-transport
-      # ½OT(t,t), which depends on the teacher alone: same gradient, the
-      # logged value shifts by a per-batch constant, and the largest of the
-      # three Sinkhorn solves (teacher tokens x teacher tokens) is skipped
-      # (demo shapes: the OT value+gradient 41 -> 8 ms).
-      ot_teacher_self_term=True,
-      # Sinkhorn's error check every k iterations (ott-jax's 10) and the
-      # over-relaxation ω of its updates (1: plain). A vmapped batch of
-      # problems runs to its slowest one's count; the check at 10 made every
-      # self term take 10 iterations. Same fixed point either way. `evl`:
-      # k = 5, ω = 1.5: EVL's OT value + gradient at the demo's shapes in
-      # 0.47x the time (max iterations 15 vs 40), as close to a tight solve
-      # (benchmarks/losses.py, sinkhorn.md).
-      ot_inner_iterations=10,
-      ot_momentum=1.0,
-      **_NO_TERMS,  # λ_kd, λ_m, λ_r, λ_ot, ...
+      # The feature tap each kind of term reads (models.tap_names lists a
+      # model's): hidden states (MHCA, relation, FitNet), visual tokens
+      # (OT), one embedding per record (batch relations, RKD, CRD).
+      taps=dict(student_hidden="tokens", teacher_hidden="tokens",
+                student_ot="tokens", teacher_ot="tokens",
+                student_embed="pooled", teacher_embed="pooled"),
+      terms=terms_lib.defaults(),
   ))
-  config.update(variant)  # the variant's λ and departures
-  return config, optim_variant
-
+  # TinyBERT's (student, teacher) layer pairs: 1/3, 2/3 and the end.
+  config.terms.tinybert.layer_map = tuple(zip(_layer_taps(student),
+                                              _layer_taps(teacher)))
+  variant = dict(_LOSS_VARIANTS[loss])
+  optim = {k[len("optim."):]: variant.pop(k) for k in list(variant)
+           if k.startswith("optim.")}
+  return config_lib.override(config, variant), optim
 
 
 def _data_config(arg, synthetic):

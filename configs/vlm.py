@@ -47,18 +47,22 @@ _SIZES = {  # size -> (teacher preset and overrides, student ...)
 # Its batch relations use RKD's potentials ("angle"), as in the signal
 # setting: validation soft AUC 0.662 against 0.651 for "cosine" (one seed,
 # same teacher, 2026-12-04, docs/vlm.md).
-_EVL = dict(mhca_weight=0.1, relation_weight=1.0, ot_weight=1.0,
-            mhca_time_sigma=0.05, relation_batch_share=1.0,
-            relation_batch_form="angle",
-            ot_plan_gradient="stop", ot_relative_epsilon=True,
-            ot_debiased=True, ot_teacher_self_term=False, ot_threshold=1e-2,
-            ot_max_iterations=100, ot_inner_iterations=5, ot_momentum=1.5)
+_EVL = {
+    "terms.mhca.weight": 0.1, "terms.relation.weight": 1.0,
+    "terms.ot.weight": 1.0, "terms.mhca.time_sigma": 0.05,
+    "terms.relation.batch_share": 1.0, "terms.relation.batch_form": "angle",
+    "terms.ot.plan_gradient": "stop", "terms.ot.relative_epsilon": True,
+    "terms.ot.debiased": True, "terms.ot.teacher_self_term": False,
+    "terms.ot.threshold": 1e-2, "terms.ot.max_iterations": 100,
+    "terms.ot.inner_iterations": 5, "terms.ot.momentum": 1.5,
+}
 _LOSSES = {
     "ce": {},
-    "uld": dict(uld_weight=1.0),
-    "evl_paper": dict(mhca_weight=0.1, relation_weight=0.1, ot_weight=0.1),
+    "uld": {"terms.uld.weight": 1.0},
+    "evl_paper": {"terms.mhca.weight": 0.1, "terms.relation.weight": 0.1,
+                  "terms.ot.weight": 0.1},
     "evl": _EVL,
-    "evl_uld": dict(_EVL, uld_weight=1.0),
+    "evl_uld": dict(_EVL, **{"terms.uld.weight": 1.0}),
     "evl_shuffled": dict(_EVL, shuffle_teacher=True),
 }
 _MODES = ("pipeline", "train_teacher", "distill", "evaluate")
@@ -109,25 +113,15 @@ def get_config(arg=None):
       # final evaluation always reads every record.
       validation_records=256,
   )
-  config.loss = dict(
-      alpha=0.0 if arg.loss == "ce" else 0.5,
-      kd_temperature=1.0,
-      # LM hidden states at the text positions (MHCA, relation), ViT
-      # tokens (OT: 256 teacher vs 64 student visual tokens).
-      student_hidden_tap="hidden", teacher_hidden_tap="hidden",
-      student_ot_tap="visual", teacher_ot_tap="visual",
-      student_embed_tap="hidden", teacher_embed_tap="hidden",
-      mhca_heads=2, mhca_qkv_features=0, mhca_reconstruction_weight=1.0,
-      ot_epsilon=0.1, ot_plan_gradient="implicit", ot_threshold=1e-3,
-      ot_max_iterations=1000, mhca_weight=0.0, relation_weight=0.0,
-      ot_weight=0.0, uld_weight=0.0,
-      # The departures of configs/default.py, at the paper's values.
-      mhca_time_sigma=0.0, mhca_temperature=1.0, mhca_projection=False,
-      relation_batch_share=0.0, relation_batch_form="cosine",
-      shuffle_teacher=False, ot_time_weight=0.0,
-      ot_relative_epsilon=False, ot_debiased=False,
-      ot_teacher_self_term=True, ot_inner_iterations=10, ot_momentum=1.0)
-  config.loss.update(_LOSSES[arg.loss])
+  # The terms of configs/default.py at their parts' defaults (the paper's
+  # values), on the LM hidden states at the text positions (MHCA, relation,
+  # batch embeddings averaged over the valid text tokens) and the ViT
+  # tokens (OT: 256 teacher vs 64 student visual tokens).
+  config.loss.taps = dict(student_hidden="hidden", teacher_hidden="hidden",
+                          student_ot="visual", teacher_ot="visual",
+                          student_embed="hidden", teacher_embed="hidden")
+  config.loss.alpha = 0.0 if arg.loss == "ce" else 0.5
+  config_lib.override(config.loss, _LOSSES[arg.loss])
   if arg.loss.startswith("evl") and arg.loss != "evl_paper":
     config.optim.heads_grad_clip_norm = 1.0  # as in configs/default.py
   config.optim.learning_rate = 1e-3

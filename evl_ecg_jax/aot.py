@@ -81,10 +81,10 @@ def tpu_devices(topology_name: str):
 
 
 def _sinkhorn_flops(config, batch, n_teacher, n_student) -> float:
-  loss = config.loss
-  if not (loss.alpha > 0 and loss.ot_weight > 0):
+  ot = config.loss.terms.ot
+  if not (config.loss.alpha > 0 and ot.weight > 0):
     return 0.0
-  return 6.0 * batch * n_teacher * n_student * loss.ot_max_iterations
+  return 6.0 * batch * n_teacher * n_student * ot.max_iterations
 
 
 def _parts(config, batch: int):
@@ -92,10 +92,10 @@ def _parts(config, batch: int):
   ShapeDtypeStruct} of the global batch) of a signal or VLM config."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from evl_ecg_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from evl_ecg_jax.train import build  # pylint: disable=g-import-not-at-top
   from evl_ecg_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
 
-  objective = loop.make_objective(config)
+  objective = build.objective(config)
   if config.get("model_kind", "signal") == "vlm":
     from evl_ecg_jax.vlm import data as vlm_data  # pylint: disable=g-import-not-at-top
     from evl_ecg_jax.vlm import fit as vlm_fit  # pylint: disable=g-import-not-at-top
@@ -113,7 +113,7 @@ def _parts(config, batch: int):
             example, shapes)
   samples = 10 * config.data.sampling_rate
   example = jnp.zeros((1, samples, 12), jnp.float32)
-  student, teacher = loop.build_models(config, objective, example.shape)
+  student, teacher = build.build_models(config, objective, example.shape)
   shapes = {"ecg": jax.ShapeDtypeStruct((batch, samples, 12), jnp.float32),
             "labels": jax.ShapeDtypeStruct(
                 (batch, len(config.data.class_names)), jnp.float32)}
@@ -125,7 +125,7 @@ def compile_step(config, topology_name: str, batch_size: int = 0,
   """Lowers + compiles the spmd train step; returns the report dict."""
   import jax  # pylint: disable=g-import-not-at-top
   from evl_ecg_jax import cost  # pylint: disable=g-import-not-at-top
-  from evl_ecg_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from evl_ecg_jax.train import build  # pylint: disable=g-import-not-at-top
   from evl_ecg_jax.train import runner as runner_lib  # pylint: disable=g-import-not-at-top
 
   if config.parallel != "spmd" or config.mode != "distill":
@@ -139,7 +139,7 @@ def compile_step(config, topology_name: str, batch_size: int = 0,
   student, teacher, objective, task, example, shapes = _parts(config, batch)
   # The runner and the step training uses, on the topology's devices.
   run = runner_lib.make(config, devices=devices)
-  init, step_fn, teacher_abstract = loop.step_parts(
+  init, step_fn, teacher_abstract = build.step_parts(
       config, student, teacher, objective, example, task)
   target = run.state_target(jax.eval_shape(init, jax.random.PRNGKey(0)))
   step = run.train_step(step_fn, target, teacher_abstract)
@@ -168,16 +168,7 @@ def compile_step(config, topology_name: str, batch_size: int = 0,
                   compile_s=time.perf_counter() - lowered_at)
     return report
   report["compile_s"] = time.perf_counter() - lowered_at
-  mem = compiled.memory_analysis()
-  gib = 1024.0**3
-  peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes
-          - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
-  report.update(
-      arguments_gib=mem.argument_size_in_bytes / gib,
-      outputs_gib=mem.output_size_in_bytes / gib,
-      aliased_gib=mem.alias_size_in_bytes / gib,
-      temporaries_gib=mem.temp_size_in_bytes / gib,
-      peak_gib=peak / gib, fits=peak / gib <= report["hbm_per_chip_gib"])
+  report.update(_memory(compiled, report["hbm_per_chip_gib"]))
   xla = compiled.cost_analysis()
   xla = xla[0] if isinstance(xla, (list, tuple)) else xla
   report["xla_flops_per_step"] = float(xla.get("flops", 0.0)) * topo.num_chips
@@ -194,6 +185,19 @@ def compile_step(config, topology_name: str, batch_size: int = 0,
                  f"step_s_at_{int(_MFU * 100)}pct":
                      report["model_flops_per_step"] / (_MFU * peak)})
   return report
+
+
+def _memory(compiled, hbm_gib) -> dict:
+  """The compiled step's memory per chip (GiB) and whether it fits."""
+  mem = compiled.memory_analysis()
+  gib = 1024.0**3
+  peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes
+          - mem.alias_size_in_bytes + mem.temp_size_in_bytes) / gib
+  return dict(arguments_gib=mem.argument_size_in_bytes / gib,
+              outputs_gib=mem.output_size_in_bytes / gib,
+              aliased_gib=mem.alias_size_in_bytes / gib,
+              temporaries_gib=mem.temp_size_in_bytes / gib,
+              peak_gib=peak, fits=peak <= hbm_gib)
 
 
 def _flops(config, batch, student, teacher, objective, task,

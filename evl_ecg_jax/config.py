@@ -13,6 +13,8 @@ from typing import Any
 
 import ml_collections
 
+from evl_ecg_jax import losses
+
 MODES = ("train_teacher", "distill", "evaluate")
 PARALLEL = ("pmap", "spmd", "shard_map")
 # config.xla_optimization_level -> XLA's ExecutionOptions.EffortLevel value
@@ -112,23 +114,21 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int,
              "cache is written by a pmapped, replicated teacher)")
   require(0.0 <= config.loss.alpha <= 1.0, "loss.alpha", config.loss.alpha,
            "α in [0, 1]")
-  require(config.loss.kd_temperature > 0, "loss.kd_temperature",
-           config.loss.kd_temperature, "a positive temperature")
-  for field in sorted(k for k in config.loss if k.endswith("_weight")):
-    require(config.loss[field] >= 0, f"loss.{field}", config.loss[field],
-             "a weight >= 0 (0 switches the term off)")
-  require(config.loss.ot_epsilon > 0, "loss.ot_epsilon",
-           config.loss.ot_epsilon, "ε > 0 (absolute, on squared distances "
-           "of unit-norm tokens, C in [0, 4])")
-  require(config.loss.ot_plan_gradient in ("implicit", "stop"),
-           "loss.ot_plan_gradient", config.loss.ot_plan_gradient,
-           "'implicit' or 'stop'")
-  require(config.loss.relation_batch_form in ("cosine", "angle"),
-           "loss.relation_batch_form", config.loss.relation_batch_form,
-           "'cosine' or 'angle'")
-  require(config.loss.mhca_heads > 0, "loss.mhca_heads",
-           config.loss.mhca_heads, "a positive number of heads")
-  check_cross_record(config)
+  check_cross_record(config)  # builds the objective: every term's checks
+  _check_schedule(config)
+  if config.mode == "distill" and config.loss.alpha > 0:
+    init = config.teacher.init
+    require(bool(init), "teacher.init", init,
+             "the workdir of a finished train_teacher run (α > 0 needs a "
+             "teacher)")
+    require(has_checkpoint is None or has_checkpoint(init), "teacher.init",
+             init, "a workdir holding a teacher checkpoint (written by "
+             "--config.mode=train_teacher); none found at "
+             f"{os.path.abspath(os.path.expanduser(init))}")
+
+
+def _check_schedule(config: ml_collections.ConfigDict) -> None:
+  """Step counts, evaluation and checkpoint fields."""
   for field in ("total_steps", "log_every_steps", "eval_every_steps",
                 "ckpt_every_steps", "max_bad_steps"):
     require(config[field] > 0, field, config[field], "a positive int")
@@ -150,57 +150,59 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int,
            "'' or a metric of the split evaluated during training, "
            f"eval.splits[0]={tuple(config.eval.splits)[:1]}, e.g. "
            "'validation/macro_auc'")
-  if config.mode == "distill" and config.loss.alpha > 0:
-    init = config.teacher.init
-    require(bool(init), "teacher.init", init,
-             "the workdir of a finished train_teacher run (α > 0 needs a "
-             "teacher)")
-    require(has_checkpoint is None or has_checkpoint(init), "teacher.init",
-             init, "a workdir holding a teacher checkpoint (written by "
-             "--config.mode=train_teacher); none found at "
-             f"{os.path.abspath(os.path.expanduser(init))}")
 
 
-def cross_record_fields(config: ml_collections.ConfigDict) -> list[str]:
-  """The config fields that make the objective compare or normalise across
-  the records of a batch (docs/scale.md, "One objective on any number of
-  devices"): each such term is computed over the global batch."""
-  loss, fields = config.loss, []
+def objective(config: ml_collections.ConfigDict):
+  """The objective of config.loss at its α (losses.build_objective: every
+  term's checks, in one place); ConfigError naming the field."""
+  loss = config.loss
+  try:
+    return losses.build_objective(alpha=loss.alpha, terms=loss.terms,
+                                  taps=loss.taps,
+                                  shuffle_teacher=loss.shuffle_teacher)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
+def cross_record_fields(config: ml_collections.ConfigDict) -> dict:
+  """{field: records it needs in a (micro-)batch} of the config fields
+  that make the objective compare or normalise across the records of a
+  batch (docs/scale.md, "One objective on any number of devices"): each
+  such term is computed over the global batch."""
+  fields = {}
   if config.get("model_kind", "signal") == "vlm":
-    fields.append("model_kind")  # the token CE: a mean over answer tokens
+    fields["model_kind"] = 1  # the token CE: a mean over answer tokens
   elif config.data.label_fraction < 1:
-    fields.append("data.label_fraction")  # the CE over labelled records
-  if loss.alpha > 0:
-    fields += [f"loss.{k}" for k in ("rkd_weight", "uld_weight")
-               if loss[k] > 0]
-    if loss.relation_weight > 0 and loss.relation_batch_share > 0:
-      fields.append("loss.relation_batch_share")
-    if loss.shuffle_teacher:
-      fields.append("loss.shuffle_teacher")
+    fields["data.label_fraction"] = 1  # the CE over labelled records
+  for part in objective(config).parts:
+    if part.records_needed():
+      fields[f"loss.terms.{part.name}.{part.relates_by}"] = (
+          part.records_needed())
+  if config.loss.alpha > 0 and config.loss.shuffle_teacher:
+    fields["loss.shuffle_teacher"] = 2  # a roll of one record is itself
   return fields
 
 
 def check_cross_record(config: ml_collections.ConfigDict) -> None:
   """Cross-record terms can be exact: enough records in each (micro-)batch
-  for relations (3: RKD's angles are triplets) and for the shuffled teacher
-  (2: a roll of one record is itself), and a stated meaning under gradient
-  accumulation (`grad_accum_batch_terms`)."""
+  for relations (3: RKD's angles are triplets), contrasts and the shuffled
+  teacher (2), and a stated meaning under gradient accumulation
+  (`grad_accum_batch_terms`)."""
   fields, accum = cross_record_fields(config), config.grad_accum_steps
   mode = config.get("grad_accum_batch_terms", "refuse")
   require(mode in ("refuse", "micro_batch"), "grad_accum_batch_terms", mode,
           "'refuse' or 'micro_batch'")
   rows = config.data.batch_size // max(accum, 1)
-  for needs, terms in ((3, ("loss.rkd_weight", "loss.relation_batch_share")),
-                       (2, ("loss.shuffle_teacher",))):
-    used = [f for f in fields if f in terms]
-    require(not used or rows >= needs, "data.batch_size",
+  for needs in sorted(set(fields.values()), reverse=True):
+    used = [f for f, n in fields.items() if n == needs]
+    require(needs < 2 or rows >= needs, "data.batch_size",
             config.data.batch_size, f"at least {needs} records in each global "
             f"(micro-)batch for {used}: they relate the records of the "
             f"global batch; it has {rows} with grad_accum_steps={accum}")
   require(accum <= 1 or not fields or mode == "micro_batch",
           "grad_accum_batch_terms", mode,
-          f"'micro_batch' to take the cross-record terms of {fields} over "
-          f"each of the grad_accum_steps={accum} micro-batches (another "
+          f"'micro_batch' to take the cross-record terms of {list(fields)} "
+          f"over each of the grad_accum_steps={accum} micro-batches (another "
           "objective than the whole batch's), or grad_accum_steps=1")
 
 

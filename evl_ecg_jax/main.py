@@ -57,9 +57,9 @@ def parse_flags(argv):
 def _prepare(config, workdir, model_names):
   """--prepare_only: the config checked, its splits prepared."""
   from evl_ecg_jax import console  # pylint: disable=g-import-not-at-top
-  from evl_ecg_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from evl_ecg_jax.train import build  # pylint: disable=g-import-not-at-top
   kwargs = {} if model_names is None else {"model_names": model_names}
-  loop.prepare(config, workdir, **kwargs)
+  build.prepare(config, workdir, **kwargs)
   splits = sorted({"train", *config.eval.splits})
   console.show(f"{config.data.tfds_name} {splits}: ready in "
                f"{config.data.data_dir or '~/tensorflow_datasets'}")

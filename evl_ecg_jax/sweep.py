@@ -7,7 +7,7 @@ r"""Config sweeps: one run per point, each in its own workdir, then a table.
 A sweep file defines `get_sweep(arg=None)` returning a list of points; a
 point is a dict of overrides: "variants" (appended to the --config
 variants, e.g. "loss=evl,student_leads=I") and dotted config fields
-("loss.mhca_weight": 0.1 -> --config.loss.mhca_weight=0.1). Arguments
+("loss.terms.ot.weight": 0.1 -> --config.loss.terms.ot.weight=0.1). Arguments
 after `--` go to every run.
 
 --launch=local (default) runs the points one after the other in
@@ -77,8 +77,8 @@ def load_sweep(spec: str) -> list[dict]:
 
 
 def point_name(point: dict) -> str:
-  """A workdir-safe name: "loss=evl" + {"loss.mhca_weight": 0.1} ->
-  "loss-evl_loss.mhca_weight-0.1"."""
+  """A workdir-safe name: "loss=evl" + {"loss.terms.ot.weight": 0.1} ->
+  "loss-evl_loss.terms.ot.weight-0.1"."""
   parts = [point["variants"]] if point.get("variants") else []
   parts += [f"{k}={v}" for k, v in sorted(point.items()) if k != "variants"]
   name = "_".join(p.replace(",", "_") for p in parts)

@@ -36,8 +36,10 @@ def test_parse_arg_is_strict():
 @pytest.mark.parametrize("field,value,match", [
     ("data.batch_size", 12, r"config.data.batch_size=12.*multiple of the 8"),
     ("loss.alpha", 1.5, r"config.loss.alpha=1.5.*\[0, 1\]"),
-    ("loss.relation_batch_form", "triplet",
-     r"config.loss.relation_batch_form='triplet'.*'cosine' or 'angle'"),
+    ("loss.terms.relation.batch_form", "triplet",
+     r"config.loss.terms.relation.batch_form='triplet'.*'cosine', 'angle'"),
+    ("loss.terms.kd.temperature", 0.0,
+     r"config.loss.terms.kd.temperature=0.0.*> 0"),
     ("student.name", "resnet9", r"config.student.name='resnet9'"),
     ("mode", "pretrain", r"config.mode='pretrain'"),
     ("optim.warmup_steps", 10_000, r"config.optim.warmup_steps=10000"),
@@ -50,8 +52,7 @@ def test_parse_arg_is_strict():
 def test_check_names_the_field(field, value, match):
   config = default.get_config("mode=distill,loss=kd")
   config.teacher.init = "/t"
-  block, key = field.rsplit(".", 1) if "." in field else (None, field)
-  (config[block] if block else config)[key] = value
+  config_lib.override(config, {field: value})
   with pytest.raises(config_lib.ConfigError, match=match):
     _check(config)
 
@@ -82,14 +83,16 @@ def _distill(loss, batch_size=16, accum=1, **fields):
 @pytest.mark.parametrize("loss,batch_size,accum,fields,match", [
     # Relations of fewer than 3 records (RKD's angles are triplets).
     ("evl", 8, 4, {}, r"config.data.batch_size=8.*at least 3 records.*"
-     r"loss.relation_batch_share.*2 with grad_accum_steps=4"),
-    ("rkd", 16, 8, {}, r"at least 3 records.*loss.rkd_weight"),
+     r"loss.terms.relation.batch_share.*2 with grad_accum_steps=4"),
+    ("rkd", 16, 8, {}, r"at least 3 records.*loss.terms.rkd.weight"),
+    # A contrast needs a negative: CRD's and DIST's batch terms.
+    ("crd", 8, 8, {}, r"at least 2 records.*loss.terms.crd.weight"),
     # A roll of one record is itself: the control would be EVL.
     ("kd", 8, 8, {"loss__shuffle_teacher": True},
      r"at least 2 records.*loss.shuffle_teacher"),
     # Accumulation of cross-record terms is refused unless named.
     ("evl", 16, 2, {}, r"config.grad_accum_batch_terms='refuse'.*"
-     r"'micro_batch'.*loss.relation_batch_share"),
+     r"'micro_batch'.*loss.terms.relation.batch_share"),
     ("kd", 16, 2, {"data__label_fraction": 0.25},
      r"grad_accum_batch_terms.*data.label_fraction"),
 ])

@@ -253,9 +253,9 @@ def test_unknown_feature_tap_is_a_config_error(teacher_dir, tfds_dir,
                                                tmp_path):
   config = _config("mode=distill,loss=evl", tfds_dir,
                    **{"teacher.init": teacher_dir,
-                      "loss.teacher_hidden_tap": "block9"})
+                      "loss.taps.teacher_hidden": "block9"})
   with pytest.raises(config_lib.ConfigError,
-                     match=r"config.loss.teacher_hidden_tap='block9'.*"
+                     match=r"config.loss.taps.teacher_hidden='block9'.*"
                      r"'block2'"):
     loop.fit(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()

@@ -14,6 +14,6 @@ WEIGHTS = (0.01, 0.03, 0.1)
 
 def get_sweep(arg=None):
   seeds = range(int(arg or 1))
-  return [{"loss.mhca_weight": w, "loss.relation_weight": w,
-           "loss.ot_weight": w, "seed": seed}
+  return [{"loss.terms.mhca.weight": w, "loss.terms.relation.weight": w,
+           "loss.terms.ot.weight": w, "seed": seed}
           for w, seed in itertools.product(WEIGHTS, seeds)]

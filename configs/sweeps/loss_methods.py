@@ -7,8 +7,8 @@
 `arg`: extra variants for every point, e.g. "student_leads=I".
 """
 
-METHODS = ("ce", "kd", "fitnet", "rkd", "dkd", "tinybert", "uld", "evl",
-           "evl_no_mhca", "evl_no_ot", "evl_no_rel")
+METHODS = ("ce", "kd", "fitnet", "rkd", "dkd", "tinybert", "uld", "crd",
+           "dist", "evl", "evl_no_mhca", "evl_no_ot", "evl_no_rel")
 
 
 def get_sweep(arg=None):

@@ -16,13 +16,14 @@ AUC of the first run); adds the shuffled-teacher control at that scale.
 from configs import vlm
 
 SCALES = (1.0, 0.1)
-_EVL = {k: vlm.get_config("loss=evl").loss[k]
-        for k in ("mhca_weight", "relation_weight", "ot_weight")}
+_EVL = {k: vlm.get_config("loss=evl").loss.terms[k].weight
+        for k in ("mhca", "relation", "ot")}
 
 
 def _evl(variant, scale):
   return {"variants": f"loss={variant}",
-          **{f"loss.{k}": round(v * scale, 6) for k, v in _EVL.items()}}
+          **{f"loss.terms.{k}.weight": round(v * scale, 6)
+             for k, v in _EVL.items()}}
 
 
 def get_sweep(arg=None):

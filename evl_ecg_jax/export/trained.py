@@ -14,7 +14,7 @@ from evl_ecg_jax import checkpoint
 from evl_ecg_jax import models
 from evl_ecg_jax.data import pipeline
 from evl_ecg_jax.models import layers
-from evl_ecg_jax.train import loop
+from evl_ecg_jax.train import build
 from evl_ecg_jax.train import step as step_lib
 
 
@@ -80,7 +80,7 @@ def load(workdir: str, which: str = "best", *,
   for key, value in (data_overrides or {}).items():
     if value:
       config.data[key] = value
-  block = loop.trained_block(config)
+  block = build.trained_block(config)
   model = models.get(config[block], len(config.data.class_names),
                      field=block)
   params = jax.tree.map(np.asarray,

@@ -7,12 +7,12 @@ float32 even for bf16 inputs, and never reads a config. docs/losses.md
 """
 
 # EVL-ECG: Eq. 9, its three feature terms, and the objective (EVL and the
-# baselines as weighted terms).
+# baselines as weighted parts, losses/terms.py).
 from evl_ecg_jax.losses.evl import evl_loss
+from evl_ecg_jax.losses.objective import build as build_objective
 from evl_ecg_jax.losses.objective import DistillHeads
-from evl_ecg_jax.losses.objective import make_objective
 from evl_ecg_jax.losses.objective import Objective
-from evl_ecg_jax.losses.objective import TERMS
+from evl_ecg_jax.losses.terms import TERMS
 from evl_ecg_jax.losses.mhca import mhca_loss
 from evl_ecg_jax.losses.mhca import mhca_reconstruction_loss
 from evl_ecg_jax.losses.mhca import MHCAAligner
@@ -26,6 +26,8 @@ from evl_ecg_jax.losses.task import token_ce_loss
 from evl_ecg_jax.losses.hints import fitnet_loss
 from evl_ecg_jax.losses.hints import HintRegressor
 from evl_ecg_jax.losses.hints import tinybert_loss
+from evl_ecg_jax.losses.contrastive import crd_loss
+from evl_ecg_jax.losses.kd import dist_loss
 from evl_ecg_jax.losses.kd import dkd_loss
 from evl_ecg_jax.losses.kd import logit_kd_loss
 from evl_ecg_jax.losses.kd import softmax_kd_loss
@@ -34,8 +36,8 @@ from evl_ecg_jax.losses.relation import rkd_loss
 
 __all__ = [
     "DistillHeads", "HintRegressor", "MHCAAligner", "Objective", "TERMS",
-    "dkd_loss", "evl_loss", "fitnet_loss",
-    "logit_kd_loss", "make_objective", "mhca_loss",
+    "build_objective", "crd_loss", "dist_loss", "dkd_loss", "evl_loss",
+    "fitnet_loss", "logit_kd_loss", "mhca_loss",
     "mhca_reconstruction_loss", "ot_loss", "relation_loss", "rkd_loss",
     "sigmoid_bce_loss", "softmax_ce_loss", "softmax_kd_loss", "tinybert_loss",
     "token_ce_loss", "uld_loss",

@@ -8,8 +8,7 @@ import jax.numpy as jnp
 from evl_ecg_jax.losses import _ops
 
 
-def logit_kd_loss(teacher_logits, student_logits, *, temperature=1.0,
-                  mask=None):
+def logit_kd_loss(teacher_logits, student_logits, *, temperature, mask=None):
   """Multi-label logit KD (Hinton et al. 2015, per-class Bernoulli form).
 
   L_KD = T² · mean_c KL(σ(z_t,c / T) ‖ σ(z_s,c / T)), the binary KL between
@@ -72,8 +71,8 @@ def _dkd_log_probs(logits, target):
   return binary, jnp.where(target, 0.0, logits - lse_nt)
 
 
-def dkd_loss(teacher_logits, student_logits, labels, *, alpha=1.0, beta=8.0,
-             temperature=4.0, mask=None):
+def dkd_loss(teacher_logits, student_logits, labels, *, temperature,
+             alpha=1.0, beta=8.0, mask=None):
   """Decoupled KD (Zhao et al., CVPR 2022).
 
   DKD = T² (α · TCKD + β · NCKD), with, at temperature T,
@@ -157,3 +156,47 @@ def uld_loss(teacher_logits, student_logits, *, temperature=1.0,
   per_example = jnp.sum(jnp.where(paired, l1, 0.0), axis=1) / jnp.maximum(
       pairs, 1)
   return _ops.masked_mean(per_example, pairs > 0, axis_name=axis_name)
+
+
+def _pearson_distance(x, y, eps=1e-8):
+  """1 − Pearson correlation of each row of x and y [R, K]: [R]."""
+  x, y = x - jnp.mean(x, -1, keepdims=True), y - jnp.mean(y, -1,
+                                                           keepdims=True)
+  # sqrt of the clamped product: finite gradients where a row is constant.
+  norms = jnp.sqrt(jnp.maximum(jnp.sum(x * x, -1) * jnp.sum(y * y, -1),
+                               eps**2))
+  return 1.0 - jnp.sum(x * y, axis=-1) / norms
+
+
+def dist_loss(teacher_logits, student_logits, *, inter_weight, intra_weight,
+              temperature, axis_name=None):
+  """DIST (Huang et al., NeurIPS 2022): correlations of the probabilities.
+
+  With Y = softmax(Z / τ) over the classes, [B, C], and d_p(u, v) = 1 −
+  Pearson(u, v):
+    L_inter = mean_i d_p(Y^s_i,:, Y^t_i,:)   (each record's class ranking),
+    L_intra = mean_c d_p(Y^s_:,c, Y^t_:,c)   (each class across the batch),
+    L = τ² (β L_inter + γ L_intra).
+  The intra-class relation compares records, so both Y are gathered over
+  `axis_name` first: the global batch's value on every device.
+
+  Args:
+    teacher_logits: [b, C].
+    student_logits: [b, C].
+    inter_weight: β.
+    intra_weight: γ.
+    temperature: τ > 0.
+    axis_name: the data axis of a per-device step, or None.
+
+  Returns:
+    Scalar float32 in [0, 2 τ² (β + γ)] (B ≥ 2 for the intra term).
+  """
+  t, s = _ops.f32(teacher_logits, student_logits)
+  if t.ndim != 2 or t.shape != s.shape:
+    raise ValueError(f"dist_loss: teacher {t.shape} and student {s.shape} "
+                     "must both be [B, C].")
+  y_t, y_s = (_ops.global_rows(jax.nn.softmax(x / temperature), axis_name)
+              for x in (t, s))
+  inter = jnp.mean(_pearson_distance(y_s, y_t))
+  intra = jnp.mean(_pearson_distance(y_s.T, y_t.T))
+  return temperature**2 * (inter_weight * inter + intra_weight * intra)

@@ -109,7 +109,7 @@ class MHCAAligner(nn.Module):
   The attention weights are sown as intermediates "align"/"decode"
   ("attention_weights", [B, H, Q, K]) for diagnostics.
   """
-  num_heads: int = 4
+  num_heads: int
   qkv_features: Optional[int] = None
   reconstruct: bool = True
   stop_query_gradient: bool = True

@@ -62,10 +62,10 @@ class Solver(NamedTuple):
     1 = plain Sinkhorn; 1 < ω < 2 converges to the same fixed point in
     fewer iterations).
   """
-  threshold: float = 1e-3
-  max_iterations: int = 1000
-  inner_iterations: int = 10
-  momentum: float = 1.0
+  threshold: float
+  max_iterations: int
+  inner_iterations: int
+  momentum: float
 
   @classmethod
   def of(cls, threshold, max_iterations, inner_iterations, momentum):
@@ -296,17 +296,15 @@ def _prepared(teacher_tokens, student_tokens, teacher_mask, student_mask,
 # (ott-jax's solver op by op took 8.5 s for a 2 × 9 × 6 float64 problem,
 # jitted 3.6 s); inside a jitted step they are inlined. Every argument but
 # the tokens and masks is a Python setting: static.
-_SETTINGS = ("epsilon", "plan_gradient", "threshold", "max_iterations",
-             "time_weight", "relative_epsilon", "debiased",
-             "teacher_self_term", "inner_iterations", "momentum")
+_SETTINGS = ("epsilon", "solver", "plan_gradient", "time_weight",
+             "relative_epsilon", "debiased", "teacher_self_term")
 
 
 @functools.partial(jax.jit, static_argnames=_SETTINGS)
-def ot_loss(teacher_tokens, student_tokens, *, epsilon, teacher_mask=None,
-            student_mask=None, plan_gradient="implicit", threshold=1e-4,
-            max_iterations=2000, time_weight=0.0, relative_epsilon=False,
-            debiased=False, teacher_self_term=True, inner_iterations=10,
-            momentum=1.0):
+def ot_loss(teacher_tokens, student_tokens, *, epsilon, solver: Solver,
+            teacher_mask=None, student_mask=None, plan_gradient="implicit",
+            time_weight=0.0, relative_epsilon=False, debiased=False,
+            teacher_self_term=True):
   """OT matching loss, EVL-ECG: L_ot = Σ_ij P*_ij C_ij (or S_ε, `debiased`).
 
   P* is the entropic optimal plan between the uniform measures on the valid
@@ -332,10 +330,8 @@ def ot_loss(teacher_tokens, student_tokens, *, epsilon, teacher_mask=None,
       theorem at Sinkhorn's fixed point). "stop": the plan is held constant,
       dL/dC = P* (cheaper envelope approximation). Ignored with `debiased`,
       whose plan-constant gradient is exact.
-    threshold: Sinkhorn stops when the marginal error falls below this.
-    max_iterations: Sinkhorn iteration cap.
-    inner_iterations, momentum: how often the error is checked, and the
-      over-relaxation of the updates (`Solver`).
+    solver: Sinkhorn's stopping rule and acceleration (`Solver`; no
+      default here: the OT part's, losses/terms.py, is the one).
     time_weight: β ≥ 0 of the temporal cost term; τ ∈ (0, 1) is the rank of
       the token among the valid ones of its sequence, (k + ½)/n.
     relative_epsilon: ε is relative to the cost's spread (see `epsilon`).
@@ -352,8 +348,7 @@ def ot_loss(teacher_tokens, student_tokens, *, epsilon, teacher_mask=None,
   t, s, a, b, tau_t, tau_s, eps = _prepared(
       teacher_tokens, student_tokens, teacher_mask, student_mask, epsilon,
       relative_epsilon, time_weight)
-  solve = dict(time_weight=float(time_weight), solver=Solver.of(
-      threshold, max_iterations, inner_iterations, momentum))
+  solve = dict(time_weight=float(time_weight), solver=solver)
   if not debiased:
     per_sequence = jax.vmap(
         _transport_cost, in_axes=(0, 0, 0, 0, 0, 0, 0, None, None, None))(
@@ -372,10 +367,9 @@ def ot_loss(teacher_tokens, student_tokens, *, epsilon, teacher_mask=None,
 @functools.partial(jax.jit,
                    static_argnames=_SETTINGS + ("with_iterations",))
 def transport_plans(teacher_tokens, student_tokens, *, epsilon,
-                    teacher_mask=None, student_mask=None, threshold=1e-4,
-                    max_iterations=2000, time_weight=0.0,
-                    relative_epsilon=False, inner_iterations=10,
-                    momentum=1.0, with_iterations=False, **unused):
+                    solver: Solver, teacher_mask=None, student_mask=None,
+                    time_weight=0.0, relative_epsilon=False,
+                    with_iterations=False, **unused):
   """The entropic plans P* [B, N, M] of `ot_loss` (teacher-to-student term).
 
   For inspection and plots (no gradient): rows are teacher tokens, columns
@@ -391,8 +385,7 @@ def transport_plans(teacher_tokens, student_tokens, *, epsilon,
 
   def plan(x, y, wa, wb, tx, ty, e):
     cost = _cost(x, y, tx, ty, float(time_weight))
-    out = _sinkhorn(cost, wa, wb, e, Solver.of(
-        threshold, max_iterations, inner_iterations, momentum))
+    out = _sinkhorn(cost, wa, wb, e, solver)
     return _plan(cost, out.f, out.g, wa, wb, e), out.n_iters
   plans, iterations = jax.lax.stop_gradient(
       jax.vmap(plan)(t, s, a, b, tau_t, tau_s, eps))

@@ -336,13 +336,16 @@ def generate(model: Decoder, params, prompt, *, max_new_tokens: int,
            jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
            jnp.zeros((batch,), bool), kept)
   _, _, _, tokens, _, kept = lax.while_loop(cond, body, carry)
-  if eos_id is None:
-    lengths = jnp.full((batch,), max_new_tokens, jnp.int32)
-  else:
-    is_eos = tokens == eos_id
-    lengths = jnp.where(is_eos.any(1), jnp.argmax(is_eos, 1) + 1,
-                        max_new_tokens).astype(jnp.int32)
-  out = {"tokens": tokens, "lengths": lengths}
+  out = {"tokens": tokens, "lengths": _lengths(tokens, eos_id)}
   if return_logits:
     out["logits"] = kept
   return out
+
+
+def _lengths(tokens, eos_id):
+  """[B] tokens emitted per row of [B, T], its eos included."""
+  if eos_id is None:
+    return jnp.full(tokens.shape[:1], tokens.shape[1], jnp.int32)
+  is_eos = tokens == eos_id
+  return jnp.where(is_eos.any(1), jnp.argmax(is_eos, 1) + 1,
+                   tokens.shape[1]).astype(jnp.int32)

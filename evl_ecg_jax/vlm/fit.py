@@ -19,9 +19,9 @@ import numpy as np
 
 from evl_ecg_jax import checkpoint
 from evl_ecg_jax import config as config_lib
-from evl_ecg_jax import losses
 from evl_ecg_jax.data import pipeline
 from evl_ecg_jax.models import vlm as vlm_lib
+from evl_ecg_jax.train import build
 from evl_ecg_jax.train import loop
 from evl_ecg_jax.train import trainer
 from evl_ecg_jax.vlm import data as data_lib
@@ -32,8 +32,9 @@ from evl_ecg_jax.vlm import text as text_lib
 from evl_ecg_jax.vlm import tokenizer as tokenizer_lib
 from evl_ecg_jax.vlm import vision
 
-# Terms the VLM objective supports: logit KD, DKD and RKD need one
-# vocabulary / pooled embeddings; ULD is the cross-vocabulary logit term.
+# Terms the VLM objective supports: logit KD, DKD and DIST need one
+# vocabulary or class logits, RKD and CRD pooled embeddings (not tried on a
+# VLM); ULD is the cross-vocabulary logit term.
 SUPPORTED_TERMS = ("mhca", "relation", "ot", "uld", "fitnet")
 
 
@@ -68,10 +69,9 @@ def render_spec(config) -> render_lib.RenderSpec:
 
 def check(config) -> None:
   """VLM-specific config checks (config_lib.check does the shared ones)."""
-  for name in losses.TERMS:
-    weight = config.loss.get(f"{name}_weight", 0.0)
-    config_lib.require(name in SUPPORTED_TERMS or weight == 0,
-                       f"loss.{name}_weight", weight,
+  for name, settings in config.loss.terms.items():
+    config_lib.require(name in SUPPORTED_TERMS or settings.weight == 0,
+                       f"loss.terms.{name}.weight", settings.weight,
                        f"0 for a VLM (supported terms: {SUPPORTED_TERMS})")
   config_lib.require(config.vlm.max_len > 0, "vlm.max_len",
                      config.vlm.max_len, "a positive number of tokens")
@@ -167,12 +167,12 @@ def _validator(config, batcher, model, tokenizer, descriptions):
 def fit(config, workdir: str) -> dict:
   """Runs `config.mode` (see module docstring); returns the final metrics."""
   if config.mode == "pipeline":
-    workdir = loop.resolve_workdir(workdir)
+    workdir = build.resolve_workdir(workdir)
     teacher_cfg, student_cfg = stages(config, workdir)
     fit(teacher_cfg, os.path.join(workdir, "teacher"))
     return fit(student_cfg, os.path.join(workdir, "student"))
   check(config)
-  run, workdir = loop.prepare(config, workdir, model_names=())
+  run, workdir = build.prepare(config, workdir, model_names=())
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   if config.data.tfds_name.startswith("ptbxl") and config.data.manual_dir:
     descriptions = text_lib.ptbxl_descriptions(config.data.manual_dir,
@@ -180,14 +180,14 @@ def fit(config, workdir: str) -> dict:
   else:
     descriptions = text_lib.describe_classes(config.data.class_names)
   toks = tokenizers(config, workdir, descriptions)
-  trained = loop.trained_block(config)
+  trained = build.trained_block(config)
   size = tuple(config.vlm.image_size)
   model = build_model(config[trained], toks[trained].vocab_size,
                       field=trained, image_size=size)
   teacher = (build_model(config.teacher, toks["teacher"].vocab_size,
                          field="teacher", image_size=size)
-             if loop.uses_teacher(config) else None)
-  objective = loop.make_objective(config)
+             if build.uses_teacher(config) else None)
+  objective = build.objective(config)
   task = task_lib.VLMTask(trained=trained)
   batcher = data_lib.Batcher(
       tokenizers=toks, class_names=tuple(config.data.class_names),
@@ -221,11 +221,11 @@ def _model_batch(batch):
 
 def _train(config, workdir, run, model, teacher, objective, task, batcher,
            example, tokenizer, descriptions, monitor):
-  init, step_fn, teacher_abstract = loop.step_parts(
+  init, step_fn, teacher_abstract = build.step_parts(
       config, model, teacher, objective, example, task)
   teacher_params = None
   if teacher is not None:
-    teacher_params = loop.load_teacher_params(config, run, teacher_abstract)
+    teacher_params = build.load_teacher_params(config, run, teacher_abstract)
   batches = data_lib.VLMBatches(pipeline.train_iterator(
       config.data, process_index=jax.process_index(),
       process_count=jax.process_count()), batcher)

@@ -28,15 +28,15 @@ def test_a_run_of_another_loss_under_the_same_name_is_an_error(tmp_path):
   _finished(tmp_path / "same", config)
   assert _runs.reusable(config, str(tmp_path / "same"))
   older = default.get_config("mode=distill,loss=evl")
-  older.loss.relation_batch_form = "cosine"
+  older.loss.terms.relation.batch_form = "cosine"
   _finished(tmp_path / "older", older)
-  with pytest.raises(ValueError, match=r"older: .*loss.relation_batch_form: "
-                     r"stored \['cosine'\], wanted \['angle'\]"):
+  with pytest.raises(ValueError, match=r"older: .*loss.terms.relation."
+                     r"batch_form: stored \['cosine'\], wanted \['angle'\]"):
     _runs.reusable(config, str(tmp_path / "older"))
-  # A run older than the field ran the objective's default ("cosine").
+  # A run older than the field ran the part's default ("cosine").
   before = json.loads(json.dumps(older.to_dict()))
-  del before["loss"]["relation_batch_form"]
+  del before["loss"]["terms"]["relation"]["batch_form"]
   (tmp_path / "older" / "config.json").write_text(json.dumps(before))
-  with pytest.raises(ValueError, match="relation_batch_form"):
+  with pytest.raises(ValueError, match="relation.batch_form"):
     _runs.reusable(config, str(tmp_path / "older"))
   assert _runs.reusable(older, str(tmp_path / "older"))

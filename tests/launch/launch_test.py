@@ -77,17 +77,18 @@ def test_sweep_points_names_and_run_arguments(tmp_path):
   assert len(set(names)) == 6 and all("/" not in n for n in names)
   config, overrides = sweep.point_config(
       "configs/default.py:mode=distill", {"variants": "loss=evl",
-                                          "loss.ot_weight": 0.1})
+                                          "loss.terms.ot.weight": 0.1})
   assert config == "configs/default.py:mode=distill,loss=evl"
-  assert overrides == ["--config.loss.ot_weight=0.1"]
+  assert overrides == ["--config.loss.terms.ot.weight=0.1"]
   methods = sweep.load_sweep("configs/sweeps/loss_methods.py:student_leads=I")
   assert methods[0] == {"variants": "loss=ce,student_leads=I"}
   vlm = sweep.load_sweep("configs/sweeps/vlm_losses.py")
   control = sweep.load_sweep("configs/sweeps/vlm_losses.py:0.1")
   assert control[:-1] == vlm and len(vlm) == 4
   assert control[-1] == {"variants": "loss=evl_shuffled",
-                         "loss.mhca_weight": 0.01, "loss.relation_weight": 0.1,
-                         "loss.ot_weight": 0.1}
+                         "loss.terms.mhca.weight": 0.01,
+                         "loss.terms.relation.weight": 0.1,
+                         "loss.terms.ot.weight": 0.1}
   bad = tmp_path / "bad.py"
   bad.write_text("def get_sweep(arg=None):\n  return [{}]\n")
   with pytest.raises(ValueError, match="point 0"):
@@ -106,9 +107,9 @@ def test_sweep_tpu_dry_run_emits_one_launch_per_point(tmp_path):
       timeout=120).stdout.splitlines()
   runs = [line for line in out if "evl_ecg_jax.main" in line]
   assert len(runs) == len(sweep.load_sweep("configs/sweeps/loss_methods.py"))
-  assert "evl-sweep-7" in runs[7] and "loss=evl" in runs[7]
+  assert "evl-sweep-9" in runs[9] and "loss=evl" in runs[9]
   assert all("--config.teacher.init=gs://t" in r for r in runs)
-  assert "gs://bucket/sweep/loss-evl" in runs[7]
+  assert "gs://bucket/sweep/loss-evl" in runs[9]
 
 
 def test_sweep_runs_locally_resumes_and_tabulates(tfds_dir, tmp_path):

@@ -8,9 +8,9 @@ import pytest
 from scipy.spatial.transform import Rotation
 from sklearn.metrics import log_loss
 
-from evl_ecg_jax.losses import hints, kd, relation, task
-from reference.kd_np import (dkd_np, rkd_np, softmax_kd_np, token_ce_np,
-                             uld_np)
+from evl_ecg_jax.losses import contrastive, hints, kd, relation, task
+from reference.kd_np import (crd_np, dist_np, dkd_np, rkd_np, softmax_kd_np,
+                             token_ce_np, uld_np)
 
 B, L, C, VS = 4, 3, 6, 5  # batch, tokens, classes / teacher vocab, student
 
@@ -140,17 +140,18 @@ def test_dkd_reduces_to_kd_and_vanishes_for_equal_logits():
   assert float(kd.dkd_loss(t, s, y, alpha=1.0, beta=float(1 - p_target),
                            temperature=temp)) == pytest.approx(
       float(kd.softmax_kd_loss(t, s, temperature=temp)), rel=1e-5)
-  assert float(kd.dkd_loss(t, s, y)) > 1e-3
-  assert float(kd.dkd_loss(t, t, y)) == pytest.approx(0.0, abs=1e-6)
+  assert float(kd.dkd_loss(t, s, y, temperature=4.0)) > 1e-3
+  assert float(kd.dkd_loss(t, t, y, temperature=4.0)) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_dkd_mask_equals_dropping_and_gradient_matches_fd():
   t, s, y = _normal(0, B, C), _normal(1, B, C), _labels()
   mask = np.array([1, 0, 0, 1], bool)
-  assert float(kd.dkd_loss(t, s, y, mask=mask)) == pytest.approx(
-      float(kd.dkd_loss(t[mask], s[mask], y[mask])), rel=1e-6)
+  assert float(kd.dkd_loss(t, s, y, mask=mask, temperature=4.0)) == pytest.approx(
+      float(kd.dkd_loss(t[mask], s[mask], y[mask],
+                        temperature=4.0)), rel=1e-6)
   tf = jnp.asarray(t, jnp.float32)
-  _assert_fd(lambda s_: kd.dkd_loss(tf, s_, y), s)
+  _assert_fd(lambda s_: kd.dkd_loss(tf, s_, y, temperature=4.0), s)
 
 
 # --- ULD -------------------------------------------------------------------
@@ -231,6 +232,75 @@ def test_rkd_gradient_matches_fd():
   _assert_fd(lambda s_: relation.rkd_loss(t, s_), _normal(1, 5, 3))
 
 
+# --- CRD and DIST (the baselines added as parts) ---------------------------
+
+
+@pytest.mark.parametrize("temp", [0.07, 0.5])
+def test_crd_matches_numpy(temp):
+  t, s = _normal(0, 6, 4), _normal(1, 6, 4)
+  got = contrastive.crd_loss(t, s, temperature=temp)
+  assert float(got) == pytest.approx(crd_np(t, s, temp), rel=1e-5)
+
+
+def test_crd_hand_cases_and_invariances():
+  # Orthonormal pairs matched exactly: every positive scores 1/τ, every
+  # negative 0, so each NLL is log(1 + (B − 1) e^{−1/τ}).
+  eye = np.eye(4)
+  value = float(contrastive.crd_loss(eye, 3.0 * eye, temperature=0.5))
+  assert value == pytest.approx(np.log(1 + 3 * np.exp(-2.0)), rel=1e-6)
+  # Scale of either side does not matter (unit embeddings); the same
+  # rotation of both does not either; pairing the wrong records costs.
+  t, s = _normal(0, 6, 4), _normal(1, 6, 4)
+  crd = lambda t_, s_: float(contrastive.crd_loss(t_, s_, temperature=0.2))
+  assert crd(5 * t, 0.1 * s) == pytest.approx(crd(t, s), rel=1e-5)
+  rot = Rotation.random(random_state=1).as_matrix()
+  t3, s3 = t[:, :3], s[:, :3]
+  assert crd(t3 @ rot.T, s3 @ rot.T) == pytest.approx(crd(t3, s3), rel=1e-5)
+  aligned = float(contrastive.crd_loss(t, t + 0.01 * s, temperature=0.2))
+  shuffled = float(contrastive.crd_loss(np.roll(t, 1, 0), t + 0.01 * s,
+                                        temperature=0.2))
+  assert aligned < shuffled
+
+
+def test_crd_gradient_matches_fd():
+  t = jnp.asarray(_normal(0, 6, 4), jnp.float32)
+  _assert_fd(lambda s_: contrastive.crd_loss(t, s_, temperature=0.5),
+             _normal(1, 6, 4))
+
+
+@pytest.mark.parametrize("beta,gamma,temp", [(1.0, 1.0, 1.0),
+                                             (2.0, 0.5, 4.0)])
+def test_dist_matches_numpy(beta, gamma, temp):
+  t, s = _normal(0, B, C), _normal(1, B, C)
+  got = kd.dist_loss(t, s, inter_weight=beta, intra_weight=gamma,
+                     temperature=temp)
+  assert float(got) == pytest.approx(dist_np(t, s, beta, gamma, temp),
+                                     rel=1e-5)
+
+
+def test_dist_hand_cases():
+  # Pearson correlation is invariant to an affine map of the probabilities:
+  # equal logits give 0; a logit shift per record changes nothing.
+  t, s = _normal(0, B, C), _normal(1, B, C)
+  dist = lambda t_, s_, **kw: float(kd.dist_loss(
+      t_, s_, **{"inter_weight": 1.0, "intra_weight": 1.0,
+                 "temperature": 1.0, **kw}))
+  assert dist(t, t) == pytest.approx(0.0, abs=1e-6)
+  assert dist(t, s + _normal(2, B, 1)) == pytest.approx(dist(t, s), rel=1e-5)
+  # Each relation alone, and both at most 2 τ² (β + γ).
+  inter = dist(t, s, intra_weight=0.0)
+  intra = dist(t, s, inter_weight=0.0)
+  assert dist(t, s) == pytest.approx(inter + intra, rel=1e-6)
+  assert 0 < inter <= 2 and 0 < intra <= 2
+
+
+def test_dist_gradient_matches_fd():
+  t = jnp.asarray(_normal(0, B, C), jnp.float32)
+  _assert_fd(lambda s_: kd.dist_loss(t, s_, inter_weight=1.0,
+                                     intra_weight=1.0, temperature=1.0),
+             _normal(1, B, C))
+
+
 # --- every loss: bf16, large magnitude, one valid token / example ----------
 
 
@@ -251,7 +321,7 @@ CASES = {
         s, np.zeros((2, L), int), mask=m), (2, L, C), (2, L, C), (2, L)),
     "softmax_kd": (lambda t, s, m: kd.softmax_kd_loss(
         t, s, temperature=2.0, mask=m), (2, L, C), (2, L, C), (2, L)),
-    "dkd": (lambda t, s, m: kd.dkd_loss(t, s, _Y, mask=m),
+    "dkd": (lambda t, s, m: kd.dkd_loss(t, s, _Y, mask=m, temperature=4.0),
             (B, C), (B, C), (B,)),
     "uld": (lambda t, s, m: kd.uld_loss(t, s, teacher_mask=m,
                                         student_mask=m),
@@ -260,6 +330,11 @@ CASES = {
                (2, L, C), (2, L, C), (2, L)),
     "tinybert": (_tinybert, (2, L, C), (2, L, 4), (2, L)),
     "rkd": (lambda t, s, m: relation.rkd_loss(t, s), (B, C), (B, 4), None),
+    "crd": (lambda t, s, m: contrastive.crd_loss(t, s, temperature=0.07),
+            (B, C), (B, C), None),
+    "dist": (lambda t, s, m: kd.dist_loss(t, s, inter_weight=1.0,
+                                          intra_weight=1.0, temperature=1.0),
+             (B, C), (B, C), None),
 }
 ROBUST = [(name, cond) for name in CASES
           for cond in ("bf16", "large", "one_valid")

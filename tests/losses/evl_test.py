@@ -9,8 +9,13 @@ from configs import default
 from evl_ecg_jax import losses
 
 B, N, M, DT, DS, C = 4, 12, 5, 10, 6, 3
-EVL = dict(mhca_weight=0.7, relation_weight=0.4, ot_weight=0.3,
-           mhca_heads=2, ot_epsilon=0.2, ot_threshold=1e-6)
+EVL = dict(mhca=dict(weight=0.7, num_heads=2), relation=dict(weight=0.4),
+           ot=dict(weight=0.3, epsilon=0.2, threshold=1e-6))
+
+
+def _objective(alpha, *, shuffle_teacher=False, taps=(), **terms):
+  return losses.build_objective(alpha=alpha, terms=terms, taps=taps,
+                                shuffle_teacher=shuffle_teacher)
 
 
 def _outs(seed=0, dtype=jnp.float32):
@@ -47,9 +52,8 @@ def test_evl_loss_is_equation_9():
 def test_objective_matches_the_terms_computed_by_hand():
   student, teacher, labels = _outs()
   alpha, gamma = 0.4, 0.5
-  objective = losses.make_objective(alpha=alpha, kd_weight=0.2,
-                                    kd_temperature=2.0,
-                                    mhca_reconstruction_weight=gamma, **EVL)
+  objective = _objective(alpha, kd=dict(weight=0.2, temperature=2.0), **dict(
+      EVL, mhca=dict(EVL["mhca"], reconstruction_weight=gamma)))
   params = _init(objective, student, teacher)
   total, terms = objective(params, student, teacher, labels)
   assert set(terms) == {"ce", "kd", "mhca", "mhca_reconstruction", "relation",
@@ -65,7 +69,7 @@ def test_objective_matches_the_terms_computed_by_hand():
           h_t, head["reconstruction"]),
       "relation": losses.relation_loss(head["aligned"], h_s),
       "ot": losses.ot_loss(unit(h_t), unit(head["ot_student"]), epsilon=0.2,
-                           threshold=1e-6),
+                           solver=losses.ot.Solver.of(1e-6, 1000, 10, 1.0)),
   }
   for name, value in by_hand.items():
     assert float(terms[name]) == pytest.approx(float(value), rel=1e-5), name
@@ -89,8 +93,9 @@ def test_objective_matches_the_terms_computed_by_hand():
     ("evl_no_ot", {"ot"}, {"aligner"}),
 ])
 def test_config_variants_switch_terms_off(variant, absent, heads):
-  loss_cfg = dict(default.get_config(f"loss={variant}").loss)
-  objective = losses.make_objective(**loss_cfg)
+  loss = default.get_config(f"loss={variant}").loss
+  objective = losses.build_objective(alpha=loss.alpha, terms=loss.terms,
+                                     shuffle_teacher=loss.shuffle_teacher)
   student, teacher, labels = _outs(1)
   params = None
   if objective.heads is not None:
@@ -104,7 +109,7 @@ def test_config_variants_switch_terms_off(variant, absent, heads):
 def test_gradient_routes():
   """Student features learn from every term; the aligner only from its guard."""
   student, teacher, labels = _outs(2)
-  objective = losses.make_objective(alpha=0.5, **EVL)
+  objective = _objective(0.5, **EVL)
   params = _init(objective, student, teacher)
 
   def loss(params, h_s, only=None):
@@ -128,7 +133,7 @@ def test_gradient_routes():
 
 def test_teacher_is_never_differentiated():
   student, teacher, labels = _outs(3)
-  objective = losses.make_objective(alpha=0.5, kd_weight=1.0, **EVL)
+  objective = _objective(0.5, kd=dict(weight=1.0), **EVL)
   params = _init(objective, student, teacher)
   g = jax.grad(lambda t: objective(params, student, t, labels)[0])(teacher)
   assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in jax.tree.leaves(g))
@@ -136,7 +141,7 @@ def test_teacher_is_never_differentiated():
 
 def test_bf16_features_give_finite_f32_loss_and_gradients():
   student, teacher, labels = _outs(4, jnp.bfloat16)
-  objective = losses.make_objective(alpha=0.5, kd_weight=1.0, **EVL)
+  objective = _objective(0.5, kd=dict(weight=1.0), **EVL)
   params = _init(objective, student, teacher)
   total, grads = jax.value_and_grad(
       lambda p, s: objective(p, s, teacher, labels)[0], argnums=(0, 1))(
@@ -162,10 +167,12 @@ def test_baseline_terms_match_the_loss_functions():
   (teacher tokens average-pooled to the student's length for hints)."""
   student, teacher, labels = _feats_outs()
   mask = jnp.asarray([True, False, True, False])
-  objective = losses.make_objective(
-      alpha=0.5, fitnet_weight=1.0, tinybert_weight=1.0, rkd_weight=1.0,
-      dkd_weight=1.0, uld_weight=1.0, kd_temperature=2.0,
-      tinybert_layer_map=(("stage1", "block0"), ("tokens", "tokens")))
+  objective = _objective(
+      0.5, fitnet=dict(weight=1.0), rkd=dict(weight=1.0),
+      tinybert=dict(weight=1.0, layer_map=(("stage1", "block0"),
+                                           ("tokens", "tokens"))),
+      dkd=dict(weight=1.0, temperature=2.0),
+      uld=dict(weight=1.0, temperature=2.0))
   assert objective.model_taps("student") == ("tokens", "stage1", "pooled")
   assert objective.model_taps("teacher") == ("tokens", "block0", "pooled")
   params = objective.init_heads(jax.random.PRNGKey(0), student[1], teacher[1])
@@ -222,10 +229,9 @@ def test_batch_relations_of_sequence_taps_average_the_valid_tokens(form):
   compares the centred means' relations, "angle" is RKD on the means."""
   student, teacher, labels = _outs(3)
   masks = _token_masks(4)
-  objective = losses.make_objective(
-      alpha=0.5, relation_weight=1.0, relation_batch_share=1.0,
-      relation_batch_form=form, student_embed_tap="tokens",
-      teacher_embed_tap="tokens")
+  objective = _objective(
+      0.5, relation=dict(weight=1.0, batch_share=1.0, batch_form=form),
+      taps=dict(student_embed="tokens", teacher_embed="tokens"))
   del labels
   terms = objective.distill_terms(None, student, teacher, masks=masks)
 
@@ -255,9 +261,8 @@ def test_shuffled_teacher_rolls_outputs_and_teacher_masks_together():
   outputs without the masks (the failure this guards) gives another loss."""
   student, teacher, _ = _outs(5)
   masks = _token_masks(6, teacher_keep=0.6)
-  matched = losses.make_objective(alpha=0.5, kd_weight=1.0, **EVL)
-  control = losses.make_objective(alpha=0.5, kd_weight=1.0,
-                                  shuffle_teacher=True, **EVL)
+  matched = _objective(0.5, kd=dict(weight=1.0), **EVL)
+  control = _objective(0.5, kd=dict(weight=1.0), shuffle_teacher=True, **EVL)
   assert control.teacher_shift == 1 and matched.teacher_shift == 0
   params = _init(matched, student, teacher)
   roll = lambda x: jnp.roll(x, 1, axis=0)

@@ -210,8 +210,8 @@ def _collapse_batch(key, related):
 
 def _train_mhca(related, guarded, steps=400):
   """Trains student + aligner on the MHCA terms; returns (first, final) L_mhca."""
-  objective = losses.make_objective(alpha=1.0, mhca_weight=1.0, mhca_heads=4,
-                                    mhca_qkv_features=32)
+  objective = losses.build_objective(alpha=1.0, terms=dict(mhca=dict(
+      weight=1.0, num_heads=4, qkv_features=32)))
   naive = losses.MHCAAligner(num_heads=4, qkv_features=32, reconstruct=False,
                              stop_query_gradient=False)
   h_t, z = _collapse_batch(jax.random.PRNGKey(0), related)

@@ -16,7 +16,19 @@ import pytest
 
 from evl_ecg_jax import losses
 
-TIGHT = dict(threshold=1e-10, max_iterations=100_000)  # float64 only
+
+def _solver(threshold, max_iterations=2000, inner_iterations=10,
+            momentum=1.0):
+  return losses.ot.Solver.of(threshold, max_iterations, inner_iterations,
+                             momentum)
+
+
+TIGHT = dict(solver=_solver(1e-10, 100_000))  # float64 only
+# The float32 solve of these tests (the pure functions take the solver's
+# settings from their caller: the OT part's defaults are for training).
+ot_loss = functools.partial(losses.ot_loss, solver=_solver(1e-4))
+transport_plans = functools.partial(losses.ot.transport_plans,
+                                    solver=_solver(1e-4))
 
 
 def _clouds(seed, b=2, n=9, m=6, d=3, scale=1.0):
@@ -46,10 +58,10 @@ def _pot_loss(t, s, eps, t_mask=None, s_mask=None, exact=False):
 def test_matches_pot_sinkhorn_plan_cost(eps):
   t, s = _clouds(0)
   with jax.enable_x64(True):
-    value = float(losses.ot_loss(t, s, epsilon=eps, **TIGHT))
+    value = float(ot_loss(t, s, epsilon=eps, **TIGHT))
   assert value == pytest.approx(_pot_loss(t, s, eps), rel=1e-7)
   # Default float32 path, default tolerance.
-  value32 = float(losses.ot_loss(t, s, epsilon=eps))
+  value32 = float(ot_loss(t, s, epsilon=eps))
   assert value32 == pytest.approx(_pot_loss(t, s, eps), rel=2e-3)
 
 
@@ -59,7 +71,7 @@ def test_tends_to_exact_ot_as_epsilon_shrinks():
   gaps = []
   with jax.enable_x64(True):
     for eps in (0.5, 0.1, 0.02):
-      gap = float(losses.ot_loss(t, s, epsilon=eps, **TIGHT)) - exact
+      gap = float(ot_loss(t, s, epsilon=eps, **TIGHT)) - exact
       assert gap >= -1e-9  # never below the exact optimum
       assert gap <= eps * np.log(7 * 7)  # entropic gap bound
       gaps.append(gap)
@@ -76,10 +88,10 @@ def test_masks_equal_dropping_tokens():
   s_mask[1, [0, 2]] = False
   t = np.where(t_mask[..., None], t, 1e6)  # padding garbage must not matter
   with jax.enable_x64(True):
-    value = float(losses.ot_loss(t, s, epsilon=0.2, teacher_mask=t_mask,
+    value = float(ot_loss(t, s, epsilon=0.2, teacher_mask=t_mask,
                                  student_mask=s_mask, **TIGHT))
     for i in range(2):
-      dropped = float(losses.ot_loss(t[i:i + 1][:, t_mask[i]],
+      dropped = float(ot_loss(t[i:i + 1][:, t_mask[i]],
                                      s[i:i + 1][:, s_mask[i]], epsilon=0.2,
                                      **TIGHT))
       assert dropped == pytest.approx(
@@ -150,7 +162,7 @@ def test_gradient_matches_finite_differences_many_random_problems():
 def test_stop_gradient_holds_the_plan_constant():
   t, s = _clouds(3, b=1)
   with jax.enable_x64(True):
-    g_t, g_s = jax.grad(lambda t_, s_: losses.ot_loss(
+    g_t, g_s = jax.grad(lambda t_, s_: ot_loss(
         t_, s_, epsilon=0.2, plan_gradient="stop", **TIGHT), argnums=(0, 1))(
             t, s)
     plan = pot.sinkhorn(np.full(9, 1 / 9), np.full(6, 1 / 6),
@@ -160,7 +172,7 @@ def test_stop_gradient_holds_the_plan_constant():
         (t_[0][:, None] - s_[0][None]) ** 2, -1))
     e_t, e_s = jax.grad(fixed, argnums=(0, 1))(t, s)
     # The envelope gradient differs from the exact one (the plan moves).
-    g_exact = jax.grad(lambda s_: losses.ot_loss(t, s_, epsilon=0.2,
+    g_exact = jax.grad(lambda s_: ot_loss(t, s_, epsilon=0.2,
                                                  **TIGHT))(s)
   np.testing.assert_allclose(g_t, e_t, rtol=1e-6, atol=1e-9)
   np.testing.assert_allclose(g_s, e_s, rtol=1e-6, atol=1e-9)
@@ -170,7 +182,7 @@ def test_stop_gradient_holds_the_plan_constant():
 def test_permutation_invariance():
   t, s = _clouds(4)
   perm_t, perm_s = np.random.default_rng(0).permutation(9), np.arange(6)[::-1]
-  f = lambda t_, s_: losses.ot_loss(t_, s_, epsilon=0.2)
+  f = lambda t_, s_: ot_loss(t_, s_, epsilon=0.2)
   g_t, g_s = jax.grad(f, argnums=(0, 1))(t, s)
   gp_t, gp_s = jax.grad(f, argnums=(0, 1))(t[:, perm_t], s[:, perm_s])
   assert float(f(t[:, perm_t], s[:, perm_s])) == pytest.approx(
@@ -184,8 +196,8 @@ def test_identical_clouds_give_the_entropic_floor_and_shifts_add_shift2():
   t, _ = _clouds(5, b=1, n=8)
   shift = np.array([0.3, -1.2, 0.5])
   with jax.enable_x64(True):
-    floor = float(losses.ot_loss(t, t, epsilon=0.1, **TIGHT))
-    shifted = float(losses.ot_loss(t, t + shift, epsilon=0.1, **TIGHT))
+    floor = float(ot_loss(t, t, epsilon=0.1, **TIGHT))
+    shifted = float(ot_loss(t, t + shift, epsilon=0.1, **TIGHT))
   independent = np.mean(pot.dist(t[0], t[0]))  # cost of the product plan
   assert floor == pytest.approx(_pot_loss(t, t, 0.1), rel=1e-7)
   assert 0 < floor < 0.05 * independent
@@ -197,7 +209,7 @@ def test_one_valid_teacher_token_is_the_mean_distance():
   t, s = _clouds(6, b=1, n=5, m=4)
   mask = np.zeros((1, 5), bool)
   mask[0, 2] = True
-  f = lambda t_, s_: losses.ot_loss(t_, s_, epsilon=0.1, teacher_mask=mask)
+  f = lambda t_, s_: ot_loss(t_, s_, epsilon=0.1, teacher_mask=mask)
   expected = np.mean(np.sum((t[0, 2] - s[0]) ** 2, -1))
   assert float(f(t, s)) == pytest.approx(expected, rel=1e-5)
   grads = jax.grad(f, argnums=(0, 1))(t, s)
@@ -207,7 +219,7 @@ def test_one_valid_teacher_token_is_the_mean_distance():
 
 def test_bf16_and_large_inputs_stay_finite():
   t, s = _clouds(7)
-  f = lambda t_, s_: losses.ot_loss(t_, s_, epsilon=0.2)
+  f = lambda t_, s_: ot_loss(t_, s_, epsilon=0.2)
   ref = float(f(t, s))
   tb, sb = jnp.asarray(t, jnp.bfloat16), jnp.asarray(s, jnp.bfloat16)
   value = f(tb, sb)
@@ -227,11 +239,11 @@ def test_bf16_and_large_inputs_stay_finite():
 def test_bad_arguments_are_named():
   t, s = _clouds(0)
   with pytest.raises(ValueError, match="common width"):
-    losses.ot_loss(t, s[..., :2], epsilon=0.1)
+    ot_loss(t, s[..., :2], epsilon=0.1)
   with pytest.raises(ValueError, match="plan_gradient"):
-    losses.ot_loss(t, s, epsilon=0.1, plan_gradient="unrolled")
+    ot_loss(t, s, epsilon=0.1, plan_gradient="unrolled")
   with pytest.raises(ValueError, match="epsilon"):
-    losses.ot_loss(t, s, epsilon=0.0)
+    ot_loss(t, s, epsilon=0.0)
 
 
 # --- Departures from the paper: temporal cost, relative ε, Sinkhorn
@@ -296,7 +308,7 @@ def test_time_weight_is_the_cost_of_time_augmented_tokens():
   t, s = _clouds(10)
   beta = 3.0
   with jax.enable_x64(True):
-    value = float(losses.ot_loss(t, s, epsilon=0.2, time_weight=beta,
+    value = float(ot_loss(t, s, epsilon=0.2, time_weight=beta,
                                  **TIGHT))
   assert value == pytest.approx(
       _pot_loss(_augment(t, beta), _augment(s, beta), 0.2), rel=1e-7)
@@ -305,16 +317,16 @@ def test_time_weight_is_the_cost_of_time_augmented_tokens():
 def test_relative_epsilon_is_epsilon_times_the_cost_spread():
   t, s = _clouds(11, b=2)
   with jax.enable_x64(True):
-    value = float(losses.ot_loss(t, s, epsilon=0.3, relative_epsilon=True,
+    value = float(ot_loss(t, s, epsilon=0.3, relative_epsilon=True,
                                  **TIGHT))
-    per_seq = [float(losses.ot_loss(
+    per_seq = [float(ot_loss(
         t[i:i + 1], s[i:i + 1], epsilon=0.3 * float(np.std(pot.dist(
             t[i], s[i]))), **TIGHT)) for i in range(2)]
   assert value == pytest.approx(np.mean(per_seq), rel=1e-7)
   # Scale-free: the plan of 10x larger tokens is the same, so the cost
   # grows exactly 100x.
   with jax.enable_x64(True):
-    big = float(losses.ot_loss(10 * t, 10 * s, epsilon=0.3,
+    big = float(ot_loss(10 * t, 10 * s, epsilon=0.3,
                                relative_epsilon=True, **TIGHT))
   assert big == pytest.approx(100 * value, rel=1e-6)
 
@@ -323,15 +335,15 @@ def test_relative_epsilon_is_epsilon_times_the_cost_spread():
 def test_debiased_matches_pot_sinkhorn_divergence(eps):
   t, s = _clouds(12)
   with jax.enable_x64(True):
-    value = float(losses.ot_loss(t, s, epsilon=eps, debiased=True, **TIGHT))
+    value = float(ot_loss(t, s, epsilon=eps, debiased=True, **TIGHT))
   assert value == pytest.approx(_pot_divergence(t, s, eps), rel=1e-6)
-  value32 = float(losses.ot_loss(t, s, epsilon=eps, debiased=True))
+  value32 = float(ot_loss(t, s, epsilon=eps, debiased=True))
   assert value32 == pytest.approx(_pot_divergence(t, s, eps), rel=2e-3)
   # Without the teacher's self term: S_ε + ½ OT_ε(t, t), same gradient.
   with jax.enable_x64(True):
-    partial = lambda s_: losses.ot_loss(t, s_, epsilon=eps, debiased=True,
+    partial = lambda s_: ot_loss(t, s_, epsilon=eps, debiased=True,
                                         teacher_self_term=False, **TIGHT)
-    full = lambda s_: losses.ot_loss(t, s_, epsilon=eps, debiased=True,
+    full = lambda s_: ot_loss(t, s_, epsilon=eps, debiased=True,
                                      **TIGHT)
     self_t = np.mean([_symmetric_entropic(x, eps) for x in t])
     assert float(partial(s)) == pytest.approx(
@@ -345,8 +357,8 @@ def test_debiased_is_zero_for_equal_clouds_and_removes_the_shrink_bias():
   # ε as large as the cost's spread (where the paper's ε sat, issue #19).
   kw = dict(epsilon=1.0, relative_epsilon=True, **TIGHT)
   with jax.enable_x64(True):
-    div = lambda x, y: float(losses.ot_loss(x, y, debiased=True, **kw))
-    biased = lambda x, y: float(losses.ot_loss(x, y, **kw))
+    div = lambda x, y: float(ot_loss(x, y, debiased=True, **kw))
+    biased = lambda x, y: float(ot_loss(x, y, **kw))
     assert abs(div(t, t)) < 1e-10 and div(t, s) > 0
     # Shrinking a cloud towards its mean lowers ⟨P*, C⟩ against a
     # reference cloud with the same mean, but moves it away in S_ε.
@@ -363,7 +375,7 @@ def test_debiased_gradient_matches_finite_differences():
   mask = np.ones((2, 7), bool)
   mask[1, -2:] = False
   with jax.enable_x64(True):
-    f = jax.jit(lambda s_: losses.ot_loss(
+    f = jax.jit(lambda s_: ot_loss(
         t, s_, epsilon=0.3, teacher_mask=mask, debiased=True,
         time_weight=2.0, relative_epsilon=True, **TIGHT))
     g = jax.grad(f)(s)
@@ -375,7 +387,7 @@ def test_debiased_gradient_matches_finite_differences():
     eps = [0.3 * float(np.std(pot.dist(t[i][mask[i]], s[i]) + 2.0 * (
         _positions(mask[i].sum())[:, None] - _positions(5)[None]) ** 2))
            for i in range(2)]
-    fixed = lambda s_: jnp.mean(jnp.stack([losses.ot_loss(
+    fixed = lambda s_: jnp.mean(jnp.stack([ot_loss(
         t[i:i + 1, mask[i]], s_[i:i + 1], epsilon=eps[i], debiased=True,
         time_weight=2.0, **TIGHT) for i in range(2)]))
     fd_fixed = (fixed(s + h * d) - fixed(s - h * d)) / (2 * h)
@@ -386,8 +398,9 @@ def test_transport_plans_follow_the_time_axis():
   rng = np.random.default_rng(15)
   t, s = rng.normal(size=(1, 20, 4)), rng.normal(size=(1, 10, 4))
   unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
-  plans = {beta: np.asarray(losses.ot.transport_plans(
-      unit(t), unit(s), epsilon=0.05, time_weight=beta, threshold=1e-6))[0]
+  plans = {beta: np.asarray(transport_plans(
+      unit(t), unit(s), epsilon=0.05, time_weight=beta,
+      solver=_solver(1e-6)))[0]
            for beta in (0.0, 50.0)}
   near = np.abs(_positions(20)[:, None] - _positions(10)[None]) <= 0.1
   for plan in plans.values():
@@ -402,13 +415,14 @@ def test_momentum_and_error_checks_keep_the_fixed_point_in_fewer_steps():
   iterations; the iterations are the count the solver reports."""
   t, s = _clouds(16, b=3, n=12, m=8)
   with jax.enable_x64(True):
-    for kw in (dict(), dict(momentum=1.3, inner_iterations=1)):
-      value = float(losses.ot_loss(t, s, epsilon=0.3, **TIGHT, **kw))
-      assert value == pytest.approx(_pot_loss(t, s, 0.3), rel=1e-7), kw
-  kw = dict(epsilon=0.3, threshold=1e-4, with_iterations=True)
-  plain, n_plain = losses.ot.transport_plans(t, s, **kw)
-  fast, n_fast = losses.ot.transport_plans(t, s, momentum=1.3,
-                                           inner_iterations=1, **kw)
+    for solver in (_solver(1e-10, 100_000),
+                   _solver(1e-10, 100_000, inner_iterations=1, momentum=1.3)):
+      value = float(ot_loss(t, s, epsilon=0.3, solver=solver))
+      assert value == pytest.approx(_pot_loss(t, s, 0.3), rel=1e-7), solver
+  kw = dict(epsilon=0.3, with_iterations=True)
+  plain, n_plain = transport_plans(t, s, **kw)
+  fast, n_fast = transport_plans(
+      t, s, solver=_solver(1e-4, inner_iterations=1, momentum=1.3), **kw)
   assert np.all(np.asarray(n_plain) % 10 == 0)  # checked every 10
   assert np.mean(n_fast) < np.mean(n_plain)
   np.testing.assert_allclose(fast, plain, atol=1e-4 / 8)

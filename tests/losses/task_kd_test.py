@@ -85,13 +85,12 @@ def test_objective_combines_terms(logits):
   t, s = logits
   y = (t > 0).astype(np.float32)
   student_out, teacher_out = (jnp.asarray(s), {}), (jnp.asarray(t), {})
-  ce_only = losses.make_objective(alpha=0.0, kd_weight=1.0,
-                                  kd_temperature=2.0)
+  kd = dict(kd=dict(weight=1.0, temperature=2.0))
+  ce_only = losses.build_objective(alpha=0.0, terms=kd)
   total, terms = ce_only(None, student_out, None, y)  # no teacher at α = 0
   assert set(terms) == {"ce"} and float(total) == float(terms["ce"])
   alpha = 0.3
-  total, terms = losses.make_objective(alpha=alpha, kd_weight=1.0,
-                                       kd_temperature=2.0)(
-                                           None, student_out, teacher_out, y)
+  total, terms = losses.build_objective(alpha=alpha, terms=kd)(
+      None, student_out, teacher_out, y)
   expected = ((1 - alpha) * _bce_np(s, y) + alpha * _kd_np(t, s, 2.0))
   assert float(total) == pytest.approx(expected, rel=1e-5)

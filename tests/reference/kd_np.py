@@ -107,3 +107,37 @@ def rkd_np(teacher, student, distance_weight=1.0, angle_weight=2.0):
   loss_d = np.mean([_huber(ds[p] - dt[p]) for p in pairs])
   loss_a = np.mean([_huber(as_[p] - at[p]) for p in triplets])
   return float(distance_weight * loss_d + angle_weight * loss_a)
+
+
+def crd_np(teacher, student, temperature):
+  """Tian et al. 2020, in-batch softmax form: each record's own (t_i, s_i)
+  pair against the batch's other records, from both anchors, on
+  L2-normalised embeddings; ½ the sum of the two mean NLLs."""
+  t = [x / np.linalg.norm(x) for x in teacher]
+  s = [x / np.linalg.norm(x) for x in student]
+  n = len(t)
+  total = 0.0
+  for anchor, others in ((s, t), (t, s)):
+    for i in range(n):
+      scores = [float(np.dot(anchor[i], others[j])) / temperature
+                for j in range(n)]
+      log_norm = np.log(sum(np.exp(v) for v in scores))
+      total += -(scores[i] - log_norm) / n
+  return 0.5 * total
+
+
+def _pearson(u, v):
+  u, v = np.asarray(u, np.float64), np.asarray(v, np.float64)
+  du, dv = u - u.mean(), v - v.mean()
+  return float((du * dv).sum() / np.sqrt((du**2).sum() * (dv**2).sum()))
+
+
+def dist_np(teacher, student, beta, gamma, temperature):
+  """Huang et al. 2022, DIST: τ²(β·mean_i (1 − ρ(Y^s_i, Y^t_i)) +
+  γ·mean_c (1 − ρ(Y^s_:c, Y^t_:c))), Y = softmax(Z / τ) per record."""
+  y_t = np.array([_softmax(z / temperature) for z in teacher])
+  y_s = np.array([_softmax(z / temperature) for z in student])
+  inter = np.mean([1 - _pearson(y_s[i], y_t[i]) for i in range(len(y_s))])
+  intra = np.mean([1 - _pearson(y_s[:, c], y_t[:, c])
+                   for c in range(y_s.shape[1])])
+  return float(temperature**2 * (beta * inter + gamma * intra))

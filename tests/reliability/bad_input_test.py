@@ -20,12 +20,11 @@ from conftest import write_ptbxl_db
 from configs import default
 from evl_ecg_jax import checkpoint
 from evl_ecg_jax import config as config_lib
-from evl_ecg_jax import losses
 from evl_ecg_jax import models
 from evl_ecg_jax.data import cinc
 from evl_ecg_jax.data import ptbxl
 from evl_ecg_jax.data import transforms
-from evl_ecg_jax.train import loop
+from evl_ecg_jax.train import build
 
 PTBXL, CINC = os.path.join(DATA, "ptbxl"), os.path.join(DATA, "cinc")
 needs_ptbxl = pytest.mark.skipif(
@@ -302,8 +301,8 @@ def _distill(**overrides):
 
 
 CONFIG_CASES = {
-    "config_negative_loss_weight": (dict(**{"loss.ot_weight": -0.1}),
-                                    r"config.loss.ot_weight=-0.1"),
+    "config_negative_loss_weight": ({"loss.terms.ot.weight": -0.1},
+                                    r"config.loss.terms.ot.weight=-0.1"),
     "config_alpha_out_of_range": ({"loss.alpha": 2.0},
                                   r"config.loss.alpha=2.0"),
     "config_batch_vs_devices": ({"data.batch_size": 12},
@@ -323,8 +322,8 @@ CONFIG_CASES = {
     "config_best_metric_of_another_split": (
         {"ckpt.best_metric": "test/macro_auc"},
         r"config.ckpt.best_metric='test/macro_auc'"),
-    "config_bad_epsilon": ({"loss.ot_epsilon": 0.0},
-                           r"config.loss.ot_epsilon=0.0"),
+    "config_bad_epsilon": ({"loss.terms.ot.epsilon": 0.0},
+                           r"config.loss.terms.ot.epsilon=0.0"),
 }
 
 
@@ -340,8 +339,8 @@ BUILD_CASES = {
     "config_lead_groups_vs_leads": ({"teacher.lead_groups": 5},
                                     r"config.teacher \(vit1d\) does not build"
                                     r".*lead_groups=5"),
-    "config_mhca_heads_vs_width": ({"loss.mhca_heads": 7},
-                                   r"config.loss.mhca_heads=7.*width"),
+    "config_mhca_heads_vs_width": ({"loss.terms.mhca.num_heads": 7},
+                                   r"config.loss.terms.mhca.num_heads=7.*width"),
     "config_token_tap_is_pooled": ({"loss.student_hidden_tap": "pooled"},
                                    r"config.loss.student_hidden_tap="
                                    r"'pooled'.*\[B, N, D\]"),
@@ -354,9 +353,9 @@ BUILD_CASES = {
 def test_model_config_errors_before_compiling(case):
   overrides, match = BUILD_CASES[case]
   config = _distill(**overrides)
-  objective = losses.make_objective(**dict(config.loss))
+  objective = build.objective(config)
   with pytest.raises(config_lib.ConfigError, match=match):
-    loop.build_models(config, objective, (1, 1000, 12))
+    build.build_models(config, objective, (1, 1000, 12))
 
 
 def test_every_case_is_documented():

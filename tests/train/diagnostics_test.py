@@ -43,7 +43,7 @@ def _setup(loss_kwargs, same_records=False):
     ecg[:] = ecg[:1]
   batch = {"ecg": ecg,
            "labels": (rng.random((B, C)) < 0.4).astype(np.float32)}
-  objective = losses.make_objective(**loss_kwargs)
+  objective = losses.build_objective(**loss_kwargs)
 
   @jax.jit
   def init(x):  # one compile (op by op, the init and taps took 7 s)
@@ -62,10 +62,11 @@ def _setup(loss_kwargs, same_records=False):
   return model, teacher, objective, params, teacher_params, batch
 
 
-EVL = dict(alpha=0.5, kd_weight=0.3, mhca_weight=0.7, relation_weight=0.4,
-           ot_weight=0.2, mhca_heads=2, ot_plan_gradient="stop",
-           relation_batch_share=0.5, mhca_time_sigma=0.05, ot_debiased=True,
-           ot_time_weight=1.0, ot_relative_epsilon=True, ot_epsilon=0.5)
+EVL = dict(alpha=0.5, terms=dict(
+    kd=dict(weight=0.3), mhca=dict(weight=0.7, time_sigma=0.05),
+    relation=dict(weight=0.4, batch_share=0.5),
+    ot=dict(weight=0.2, plan_gradient="stop", debiased=True, time_weight=1.0,
+            relative_epsilon=True, epsilon=0.5)))
 
 
 def _diagnose(setup):
@@ -120,8 +121,8 @@ def test_gradient_shares_and_cosines_match_direct_gradients(evl_run):
 def test_teacher_dependence_is_nil_when_every_record_is_the_same():
   """Control: shuffling identical records changes nothing (per-record
   terms; relations across identical records are degenerate)."""
-  out = _diagnose(_setup(dict(EVL, relation_batch_share=0.0),
-                         same_records=True))
+  terms = dict(EVL["terms"], relation=dict(weight=0.4, batch_share=0.0))
+  out = _diagnose(_setup(dict(EVL, terms=terms), same_records=True))
   for name in ("kd", "mhca", "relation", "ot"):
     assert float(out[f"teacher_grad_cos/{name}"]) == pytest.approx(
         1.0, abs=1e-4)
@@ -131,9 +132,8 @@ def test_teacher_dependence_is_nil_when_every_record_is_the_same():
 def test_teacher_dependence_is_seen_for_a_student_matching_its_teacher():
   """KD and batch relations against (nearly) the student itself: the
   matched teacher fits best."""
-  model, _, objective, params, _, batch = _setup(dict(
-      alpha=0.5, kd_weight=1.0, relation_weight=1.0, relation_batch_share=1.0,
-      mhca_heads=2))
+  model, _, objective, params, _, batch = _setup(dict(alpha=0.5, terms=dict(
+      kd=dict(weight=1.0), relation=dict(weight=1.0, batch_share=1.0))))
   perturbed = jax.tree.map(lambda x: 1.01 * x, params["model"])
   out = jax.jit(lambda p, tp, b: diag_lib.diagnostics(
       p, tp, b, model=model, teacher=model, objective=objective))(

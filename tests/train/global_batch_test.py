@@ -23,11 +23,11 @@ import pytest
 from configs import default
 from configs import vlm as vlm_config
 from evl_ecg_jax import cost
-from evl_ecg_jax import losses
+from evl_ecg_jax import config as config_lib
 from evl_ecg_jax import models
 from evl_ecg_jax import parallel
 from evl_ecg_jax.models import vlm as vlm_lib
-from evl_ecg_jax.train import loop
+from evl_ecg_jax.train import build
 from evl_ecg_jax.train import runner as runner_lib
 from evl_ecg_jax.train import step as step_lib
 from evl_ecg_jax.vlm import data as vlm_data
@@ -75,7 +75,7 @@ def _fit(mode, case, accum=1, steps=STEPS):
   shapes the heads, its outputs are in the batch."""
   student, teacher, objective, batch, task = case
   runner = _runner(mode)
-  init = loop.state_initializer(student, SGD, None,
+  init = build.state_initializer(student, SGD, None,
                                 {k: v[:1] for k, v in batch.items()},
                                 objective, teacher, task)
   state = runner.init_state(init, jax.random.PRNGKey(0))
@@ -105,10 +105,10 @@ def _signal(loss, n, label_fraction=False, **terms):
                               f"loss={loss}")
   config.student.dropout = 0.0  # per-device masks would differ, by design
   config.teacher.depth = 1
-  config.loss.update(terms)
+  config_lib.override(config.loss, terms)
   student = models.get(config.student, 5)
   teacher = models.get(config.teacher, 5)
-  objective = losses.make_objective(**dict(config.loss))
+  objective = build.objective(config)
   rng = np.random.default_rng(0)
   batch = {"ecg": jnp.asarray(rng.normal(size=(n, 1000, 12)), jnp.float32),
            "labels": jnp.asarray(rng.random((n, 5)) < 0.3, jnp.float32)}
@@ -124,13 +124,15 @@ def test_every_signal_cross_record_term_is_the_global_batch_s(per_device):
   # One program switches on every cross-record term of the signal path
   # (compiling one per variant would cost the suite minutes): the shipped
   # control `evl_shuffled` (EVL's batch relations, MHCA, OT and KD on the
-  # teacher outputs rolled over the global batch), RKD (`loss=rkd`'s term)
-  # and the labels protocol's masked task loss (data.label_fraction=0.25).
+  # teacher outputs rolled over the global batch), the batch baselines RKD,
+  # CRD (in-batch negatives) and DIST (correlations across the batch), and
+  # the labels protocol's masked task loss (data.label_fraction=0.25).
   run = _signal("evl_shuffled", 8 * per_device, label_fraction=True,
-                rkd_weight=1.0)
+                **{f"terms.{t}.weight": 1.0 for t in ("rkd", "crd", "dist")})
   one = _fit("one", run)
   assert all(one[1][0][t] > 1e-3 for t in
-             ("relation", "mhca", "ot", "kd", "rkd", "ce")), one[1][0]
+             ("relation", "mhca", "ot", "kd", "rkd", "crd", "dist", "ce")
+             ), one[1][0]
   for mode in MODES:
     _assert_same(one, _fit(mode, run))
 
@@ -183,7 +185,7 @@ def vlm_pair():
   # The task loss alone: its answer-token mean is the VLM's own
   # cross-record term (the distillation terms' batch relations are the
   # signal path's code, tested above).
-  objective = losses.make_objective(**vlm_config.get_config("loss=ce").loss)
+  objective = build.objective(vlm_config.get_config("loss=ce"))
   return student, None, objective, batch, vlm_task.VLMTask()
 
 
@@ -210,9 +212,9 @@ def test_bytes_the_cross_record_terms_move(loss):
   # control's roll by one record sends one row of each teacher output; KD
   # moves scalars only.
   config = default.get_config(f"mode=distill,loss={loss},size=tiny")
-  objective = losses.make_objective(**dict(config.loss))
+  objective = build.objective(config)
   example = jnp.zeros((1, 1000, 12))
-  student, teacher = loop.build_models(config, objective, example.shape)
+  student, teacher = build.build_models(config, objective, example.shape)
   shapes = cost.loss_shapes(config, 64, student, teacher, objective, example)
   moved = cost.cross_record_bytes(objective, shapes, 16)
   if loss == "kd":

@@ -24,10 +24,10 @@ import optax
 import pytest
 
 from configs import default
-from evl_ecg_jax import losses
+from evl_ecg_jax import config as config_lib
 from evl_ecg_jax import models
 from evl_ecg_jax import parallel
-from evl_ecg_jax.train import loop
+from evl_ecg_jax.train import build
 from evl_ecg_jax.train import optim
 from evl_ecg_jax.train import runner as runner_lib
 from evl_ecg_jax.train import step as step_lib
@@ -36,9 +36,10 @@ STEPS = 3
 BATCH = 16  # two examples per fake device
 # threshold 0: Sinkhorn runs exactly max_iterations on every shard, so the
 # per-device and global programs do the same iterations.
-EVL = dict(alpha=0.5, kd_weight=1.0, mhca_weight=1.0, relation_weight=1.0,
-           ot_weight=1.0, mhca_heads=2, ot_epsilon=0.1, ot_threshold=0.0,
-           ot_max_iterations=100)
+EVL = {"alpha": 0.5, "terms.kd.weight": 1.0, "terms.mhca.weight": 1.0,
+       "terms.relation.weight": 1.0, "terms.ot.weight": 1.0,
+       "terms.ot.epsilon": 0.1, "terms.ot.threshold": 0.0,
+       "terms.ot.max_iterations": 100}
 # The EVL parity steps with plain SGD: a param then moves by lr x its
 # gradient, so the gradients' rounding (another reduction order on 8
 # devices) stays at rounding level in the params. Adam's normalised step
@@ -54,7 +55,7 @@ def _config(loss=None):
   config.teacher.depth = 1
   config.optim.warmup_steps = 1
   if loss:
-    config.loss.update(loss)
+    config_lib.override(config.loss, loss)
   return config
 
 
@@ -66,9 +67,9 @@ def _run(runner, accum_steps=1, loss=None, tx=None):
   ecg = rng.normal(size=(BATCH, 1000, 12)).astype(np.float32)
   labels = (rng.random((BATCH, 5)) < 0.3).astype(np.float32)
   x = jnp.asarray(ecg[:1])
-  objective = losses.make_objective(**dict(config.loss))
+  objective = build.objective(config)
   tx = tx or optim.make(config.optim, total_steps=10)
-  init = loop.state_initializer(student, tx, config, x, objective, teacher)
+  init = build.state_initializer(student, tx, config, x, objective, teacher)
   state = runner.init_state(init, jax.random.PRNGKey(0))
   teacher_abstract = models.abstract_variables(teacher, x.shape)
   teacher_params = runner.place_params(
@@ -181,7 +182,7 @@ def test_boxed_state_keeps_logical_axes_for_sharding():
   model = models.get(config.student, 5)
   tx = optim.make(config.optim, total_steps=10)
   x = jnp.zeros((1, 1000, 12))
-  abstract = jax.eval_shape(loop.state_initializer(model, tx, config, x),
+  abstract = jax.eval_shape(build.state_initializer(model, tx, config, x),
                             jax.random.PRNGKey(0))
   boxes = [x for x in jax.tree.leaves(
       abstract.params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))

@@ -26,10 +26,10 @@ OPTIM = ml_collections.ConfigDict(dict(
 # devices would agree only to within that tolerance.
 LOSSES = {
     "ce": dict(alpha=0.0),
-    "kd": dict(alpha=0.5, kd_weight=1.0, kd_temperature=2.0),
-    "evl": dict(alpha=0.5, mhca_weight=1.0, relation_weight=1.0,
-                ot_weight=1.0, mhca_heads=2, ot_epsilon=0.1,
-                ot_threshold=0.0, ot_max_iterations=100),
+    "kd": dict(alpha=0.5, terms=dict(kd=dict(weight=1.0, temperature=2.0))),
+    "evl": dict(alpha=0.5, terms=dict(
+        mhca=dict(weight=1.0), relation=dict(weight=1.0),
+        ot=dict(weight=1.0, epsilon=0.1, threshold=0.0, max_iterations=100))),
 }
 
 
@@ -44,7 +44,7 @@ def _setup(loss):
   x = jnp.asarray(batch["ecg"][:1])
   teacher_params = models.init_params(teacher, jax.random.PRNGKey(1), x)
   tx = optim.make(OPTIM, total_steps=10)
-  objective = losses.make_objective(**LOSSES[loss])
+  objective = losses.build_objective(**LOSSES[loss])
   params = {"model": models.init_params(student, jax.random.PRNGKey(0), x)}
   if objective.heads is not None:
     params["heads"] = objective.init_heads(

@@ -23,11 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import default
-from evl_ecg_jax import losses
 from evl_ecg_jax import models
 from evl_ecg_jax.data import synthetic
 from evl_ecg_jax.train import diagnostics as diag_lib
-from evl_ecg_jax.train import loop
+from evl_ecg_jax.train import build
 from evl_ecg_jax.train import optim
 from evl_ecg_jax.train import step as step_lib
 
@@ -46,7 +45,7 @@ def _setup(shuffle):
   config = default.get_config("mode=distill,loss=evl,student_leads=I")
   config.loss.shuffle_teacher = shuffle
   config.optim.warmup_steps = 10
-  objective = losses.make_objective(**config.loss)
+  objective = build.objective(config)
   student = models.CNN1D(num_classes=5, widths=(16, 32), leads="I")
   teacher = models.CNN1D(num_classes=5, widths=(16, 32, 48))
   tx = optim.make(config.optim, STEPS)
@@ -89,7 +88,7 @@ def test_evl_transfers_what_the_shuffled_control_cannot():
   teacher_params = models.init_params(teacher, jax.random.PRNGKey(99),
                                       example)
   # Both runs start from the same init (same heads, same student).
-  init = jax.jit(loop.state_initializer(student, tx, config, example,
+  init = jax.jit(build.state_initializer(student, tx, config, example,
                                         objective, teacher))
   held_out = jax.jit(functools.partial(
       _held_out, objective=objective, student=student, teacher=teacher))

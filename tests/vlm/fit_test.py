@@ -20,7 +20,7 @@ from evl_ecg_jax import losses
 from evl_ecg_jax.data import synthetic
 from evl_ecg_jax.models import vlm as vlm_lib
 from evl_ecg_jax.train import diagnostics as diag_lib
-from evl_ecg_jax.train import loop
+from evl_ecg_jax.train import build
 from evl_ecg_jax.train import state as state_lib
 from evl_ecg_jax.train import step as step_lib
 from evl_ecg_jax.vlm import data as data_lib
@@ -89,13 +89,13 @@ def _models(toks):
 
 def _objective(variant):
   if variant == "paper":
-    return losses.make_objective(
-        alpha=0.5, mhca_weight=1.0, relation_weight=1.0, ot_weight=1.0,
-        uld_weight=1.0, student_hidden_tap="hidden",
-        teacher_hidden_tap="hidden", student_ot_tap="visual",
-        teacher_ot_tap="visual", mhca_heads=2)
+    return losses.build_objective(
+        alpha=0.5, terms={k: dict(weight=1.0)
+                          for k in ("mhca", "relation", "ot", "uld")},
+        taps=dict(student_hidden="hidden", teacher_hidden="hidden",
+                  student_ot="visual", teacher_ot="visual"))
   # the configured redesign: batch relations on pooled LM states
-  return losses.make_objective(**vlm_config.get_config(f"loss={variant}").loss)
+  return build.objective(vlm_config.get_config(f"mode=distill,loss={variant}"))
 
 
 def _distillation(toks, objective, n=2):
@@ -105,7 +105,7 @@ def _distillation(toks, objective, n=2):
   batch = {k: jnp.asarray(v) for k, v in _batch(toks, n).items()
            if k != "id"}
   task = task_lib.VLMTask()
-  init = loop.state_initializer(student, optax.adam(1e-3), None, batch,
+  init = build.state_initializer(student, optax.adam(1e-3), None, batch,
                                 objective, teacher, task)
   params = jax.tree.map(jnp.asarray, __import__("flax").linen.meta.unbox(
       jax.jit(init)(jax.random.PRNGKey(0)).params))
@@ -186,7 +186,7 @@ def test_tiny_vlm_overfits_a_handful_of_examples(toks):
       [text_lib.Example(text_lib.format_prompt(question), answer, "query")
        for answer in expected])
   batch = {k: jnp.asarray(v) for k, v in batch.items() if k != "id"}
-  objective = losses.make_objective(alpha=0.0)
+  objective = losses.build_objective(alpha=0.0)
   tx = optax.adam(1e-3)
   params = {"model": student.init(jax.random.PRNGKey(0), batch["image"],
                                   batch["tokens_student"])["params"]}
@@ -220,8 +220,9 @@ def test_vlm_configs_check_before_compiling():
     vlm_fit.build_model(config.student, 384, field="student",
                         image_size=config.vlm.image_size)
   config = vlm_config.get_config("runlocal")
-  config.loss.rkd_weight = 1.0
-  with pytest.raises(config_lib.ConfigError, match=r"config.loss.rkd_weight"):
+  config.loss.terms.rkd.weight = 1.0
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"config.loss.terms.rkd.weight"):
     vlm_fit.check(config)
   with pytest.raises(config_lib.ConfigError, match="size='3b'"):
     vlm_config.get_config("size=3b")
@@ -277,10 +278,10 @@ def test_vision_pretraining_learns_and_seeds_the_vlm(toks):
                              num_classes=5, learning_rate=3e-3)
   jax.tree.map(np.testing.assert_array_equal, vit, again)  # seeded
   assert len(history) == 30 and history[-1] < 0.7 * history[0], history
-  init = loop.state_initializer(
+  init = build.state_initializer(
       model, optax.adam(1e-3), None,
       {k: jnp.asarray(v) for k, v in batch.items() if k != "id"},
-      losses.make_objective(alpha=0.0), None, task_lib.VLMTask())
+      losses.build_objective(alpha=0.0), None, task_lib.VLMTask())
   state = vision.with_vision(init, vit)(jax.random.PRNGKey(0))
   boxed = state.params["model"]["vit"]["embed"]["kernel"]
   assert isinstance(boxed, nn.meta.AxisMetadata)
