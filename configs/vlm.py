@@ -32,21 +32,13 @@ _SIZES = {  # size -> (teacher preset and overrides, student ...)
              ("tiny_student", {"scan": False})),
     "2b": (("vlm_7b", {"scan": True}), ("vlm_2b", {"pool": 2, "scan": True})),
 }
-# λ of the distillation terms per loss variant (α = 0.5 except ce). ULD is
-# the cross-vocabulary logit baseline (Boizard et al. 2024); logit KD needs
-# one vocabulary and is not offered.
-# `evl_paper`: the paper's terms, λ tied at 0.1 (it lowered the synthetic
-# student's soft AUC from 0.663 to 0.552, docs/vlm.md). `evl`: the signal
-# setting's redesign (configs/default.py, docs/evl.md) where it applies:
-# relations across the records of a batch (on the LM hidden states averaged
-# over the valid text tokens), MHCA with a prior over the tokens' relative
-# positions in their text (two tokenizers of the same text), the debiased
-# OT at a relative ε; no temporal OT cost (visual tokens are 2-D patches).
-# Its λ scale (x1 against x0.1 of these, configs/sweeps/vlm_losses.py) was
-# chosen on the validation soft AUC: 0.6555 against 0.6527 (docs/vlm.md).
-# Its batch relations use RKD's potentials ("angle"), as in the signal
-# setting: validation soft AUC 0.662 against 0.651 for "cosine" (one seed,
-# same teacher, 2026-12-04, docs/vlm.md).
+# The terms' settings per loss variant (α = 0.5 except ce); docs/vlm.md
+# has the validation runs behind each choice. ULD is the cross-vocabulary
+# logit baseline (logit KD needs one vocabulary); `evl_paper` the paper's
+# terms, λ tied at 0.1; `evl` the signal setting's redesign where it
+# applies (batch relations on the LM states averaged over the text tokens,
+# MHCA with a prior over the tokens' relative positions, the debiased OT at
+# a relative ε; no temporal OT cost: visual tokens are 2-D patches).
 _EVL = {
     "terms.mhca.weight": 0.1, "terms.relation.weight": 1.0,
     "terms.ot.weight": 1.0, "terms.mhca.time_sigma": 0.05,

@@ -137,8 +137,7 @@ def compile_step(config, topology_name: str, batch_size: int = 0,
   batch = batch_size or config.data.batch_size
   start = time.perf_counter()
   student, teacher, objective, task, example, shapes = _parts(config, batch)
-  # The runner and the step training uses, on the topology's devices.
-  run = runner_lib.make(config, devices=devices)
+  run = runner_lib.make(config, devices=devices)  # training's, on the topology
   init, step_fn, teacher_abstract = build.step_parts(
       config, student, teacher, objective, example, task)
   target = run.state_target(jax.eval_shape(init, jax.random.PRNGKey(0)))
@@ -151,8 +150,8 @@ def compile_step(config, topology_name: str, batch_size: int = 0,
   report = {"topology": topology_name, "chips": topo.num_chips,
             "accelerator_type": topo.accelerator_type,
             "mesh": dict(run.mesh.shape), "batch_size": batch,
-            "scan": {"teacher": getattr(teacher, "scan", False),
-                     "student": getattr(student, "scan", False)},
+            "scan": {role: getattr(m, "scan", False) for role, m in
+                     (("teacher", teacher), ("student", student))},
             "teacher_params": count(teacher_abstract),
             "student_params": count({"params": target.params["model"]}),
             "hbm_per_chip_gib": hbm_gib or topo.chip.hbm_gib,
@@ -179,12 +178,15 @@ def compile_step(config, topology_name: str, batch_size: int = 0,
     report["cross_record_bytes"] = cost.cross_record_bytes(
         objective, cost.loss_shapes(config, batch, student, teacher,
                                     objective, example), run.batch_shards)
-  peak = topo.num_chips * topo.chip.bf16_tflops * 1e12
-  report.update({"peak_bf16_flops_per_s": peak,
-                 "step_s_at_100pct": report["model_flops_per_step"] / peak,
-                 f"step_s_at_{int(_MFU * 100)}pct":
-                     report["model_flops_per_step"] / (_MFU * peak)})
+  report.update(_step_times(report["model_flops_per_step"], topo))
   return report
+
+
+def _step_times(flops, topo) -> dict:
+  """Step time at 100 % and at _MFU of the topology's bf16 peak."""
+  peak = topo.num_chips * topo.chip.bf16_tflops * 1e12
+  return {"peak_bf16_flops_per_s": peak, "step_s_at_100pct": flops / peak,
+          f"step_s_at_{int(_MFU * 100)}pct": flops / (_MFU * peak)}
 
 
 def _memory(compiled, hbm_gib) -> dict:

@@ -57,12 +57,19 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 
 
 def override(config: ml_collections.ConfigDict, fields: dict):
-  """Sets dotted fields ({"loss.alpha": 0.3}) in place; returns `config`."""
+  """Sets dotted fields ({"loss.alpha": 0.3}) in place; returns `config`.
+  ConfigError for a field the config does not have (a typo is not a new
+  field)."""
   for key, value in fields.items():
     block, _, field = key.rpartition(".")
     node = config
     for part in filter(None, block.split(".")):
-      node = node[part]
+      node = node.get(part) if isinstance(node, ml_collections.ConfigDict) \
+          else None
+      if node is None:
+        break
+    if not isinstance(node, ml_collections.ConfigDict) or field not in node:
+      raise ConfigError(f"config.{key}: no such field.")
     node[field] = value
   return config
 

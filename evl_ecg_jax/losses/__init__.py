@@ -33,10 +33,14 @@ from evl_ecg_jax.losses.kd import logit_kd_loss
 from evl_ecg_jax.losses.kd import softmax_kd_loss
 from evl_ecg_jax.losses.kd import uld_loss
 from evl_ecg_jax.losses.relation import rkd_loss
+# Shared numerics the diagnostics read too.
+from evl_ecg_jax.losses._ops import cosine_matrix
+from evl_ecg_jax.losses._ops import f32
+from evl_ecg_jax.losses._ops import pool_tokens
 
 __all__ = [
     "DistillHeads", "HintRegressor", "MHCAAligner", "Objective", "TERMS",
-    "build_objective", "crd_loss", "dist_loss", "dkd_loss", "evl_loss",
+    "build_objective", "cosine_matrix", "crd_loss", "f32", "pool_tokens", "dist_loss", "dkd_loss", "evl_loss",
     "fitnet_loss", "logit_kd_loss", "mhca_loss",
     "mhca_reconstruction_loss", "ot_loss", "relation_loss", "rkd_loss",
     "sigmoid_bce_loss", "softmax_ce_loss", "softmax_kd_loss", "tinybert_loss",

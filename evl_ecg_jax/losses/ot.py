@@ -323,8 +323,7 @@ def ot_loss(teacher_tokens, student_tokens, *, epsilon, solver: Solver,
       with `relative_epsilon` a multiple of the per-sequence standard
       deviation of C over valid pairs (held constant in the gradient). For
       unit-norm tokens C ∈ [0, 4] and an absolute ε = 0.05 gives a sharp plan.
-    teacher_mask: optional [B, N] bool, True = valid token.
-    student_mask: optional [B, M] bool, True = valid token.
+    teacher_mask, student_mask: optional [B, N], [B, M] bool, True = valid.
     plan_gradient: "implicit" (default): the exact derivative of ⟨P*, C⟩,
       the plan's dependence on the tokens included (implicit function
       theorem at Sinkhorn's fixed point). "stop": the plan is held constant,

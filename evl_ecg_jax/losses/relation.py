@@ -1,5 +1,7 @@
-"""Relation losses: EVL-ECG's token geometry within a sequence (relation_loss)
-and RKD's across the global batch's records (rkd_loss)."""
+"""Relation losses: EVL-ECG's token geometry within a sequence (relation_loss,
+the paper's L_rel) and RKD's across the global batch's records (rkd_loss:
+the `rkd` baseline, and what `loss=evl`'s L_rel computes on the records'
+embeddings; the Relation part in losses/terms.py chooses)."""
 
 from __future__ import annotations
 

@@ -131,6 +131,12 @@ class Term:
             ] if self.weight < 0 else []
 
 
+def _to_teacher_width(make, kind, s_feats, t_feats, taps):
+  """The student's `kind` tap through the head `make(teacher width)`."""
+  width = t_feats[taps[f"teacher_{kind}"]].shape[-1]
+  return make(width)(s_feats[taps[f"student_{kind}"]])
+
+
 def _positive(part, *fields):
   return [(f, getattr(part, f), "a value > 0") for f in fields
           if not getattr(part, f) > 0]
@@ -293,9 +299,9 @@ class OT(Term):
 
   def heads(self, s_feats, t_feats, taps, masks):
     del masks
-    return {"ot_student": nn.Dense(
-        t_feats[taps["teacher_ot"]].shape[-1], name="ot_projection")(
-            s_feats[taps["student_ot"]])}
+    return {"ot_student": _to_teacher_width(
+        lambda width: nn.Dense(width, name="ot_projection"), "ot", s_feats,
+        t_feats, taps)}
 
   def _tokens(self, view):
     return (unit_tokens(view.feature("teacher", "ot")),
@@ -317,11 +323,12 @@ class OT(Term):
 
   def problems(self):
     return (super().problems()
-            + _positive(self, "epsilon", "threshold", "max_iterations",
+            + _positive(self, "epsilon", "max_iterations",
                         "inner_iterations", "momentum")
             + _one_of(self, "plan_gradient", ("implicit", "stop"))
-            + ([("time_weight", self.time_weight, "β >= 0")]
-               if self.time_weight < 0 else []))
+            + [(f, getattr(self, f), "a value >= 0 (threshold 0: always "
+                "max_iterations)") for f in ("threshold", "time_weight")
+               if getattr(self, f) < 0])
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -334,9 +341,9 @@ class FitNet(Term):
 
   def heads(self, s_feats, t_feats, taps, masks):
     del masks
-    return {"fitnet": hints.HintRegressor(
-        t_feats[taps["teacher_hidden"]].shape[-1], name="fitnet")(
-            s_feats[taps["student_hidden"]])}
+    return {"fitnet": _to_teacher_width(
+        lambda width: hints.HintRegressor(width, name="fitnet"), "hidden",
+        s_feats, t_feats, taps)}
 
   def loss(self, view):
     return hint_loss(view.feature("teacher", "hidden"), view.head["fitnet"])

@@ -296,6 +296,12 @@ def block_layout(params, target, *, prefix: str = "block",
           for k, v in params.items()}
 
 
+def in_classifier_head(path) -> bool:
+  """Whether a param path (jax.tree_util key path) is in a model's
+  ClassifierHead (every family builds it unnamed: ClassifierHead_0)."""
+  return any(getattr(k, "key", None) == "ClassifierHead_0" for k in path)
+
+
 class ClassifierHead(nn.Module):
   """Dropout + Dense to `num_classes` logits, computed in float32."""
   num_classes: int

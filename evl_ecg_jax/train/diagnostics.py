@@ -44,7 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from evl_ecg_jax.losses import _ops
+from evl_ecg_jax import losses
+from evl_ecg_jax.models import layers
 from evl_ecg_jax.train import step as step_lib
 
 DIAGONAL_HALF_WIDTH = 2.5  # student tokens either side of the time diagonal
@@ -53,7 +54,7 @@ DIAGONAL_HALF_WIDTH = 2.5  # student tokens either side of the time diagonal
 def _encoder_vector(tree):
   """One f32 vector of the student's params, its classifier head excluded."""
   leaves = [x for path, x in jax.tree_util.tree_leaves_with_path(tree)
-            if "ClassifierHead" not in jax.tree_util.keystr(path)]
+            if not layers.in_classifier_head(path)]
   return jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in leaves])
 
 
@@ -105,7 +106,7 @@ def linear_cka(x, y):
 
   0 when either side does not vary across rows (CKA is undefined there).
   """
-  x, y = _ops.f32(x, y)
+  x, y = losses.f32(x, y)
   scale = jnp.sum(x * x) * jnp.sum(y * y)
   x = x - jnp.mean(x, axis=0)
   y = y - jnp.mean(y, axis=0)
@@ -129,7 +130,7 @@ def _feature_pairs(student_out, teacher_out, objective):
     if s is None or t is None:
       continue
     if s.ndim == 3 and t.ndim == 3:  # tokens: time-aligned, then pooled
-      pooled_t = _ops.pool_tokens(t, s.shape[1])
+      pooled_t = losses.pool_tokens(t, s.shape[1])
       pairs["tokens"] = (s.reshape(-1, s.shape[-1]),
                          pooled_t.reshape(-1, t.shape[-1]), s.shape[1])
       s, t = jnp.mean(s, axis=1), jnp.mean(t, axis=1)
@@ -147,11 +148,11 @@ def _cka(student_out, teacher_out, objective):
 
 
 def _mhca(inside):
-  attention, aligned = inside["attention"], _ops.f32(inside["aligned"])
+  attention, aligned = inside["attention"], losses.f32(inside["aligned"])
   keys = attention.shape[-1]
   entropy = -jnp.sum(jnp.where(attention > 0, attention * jnp.log(
       jnp.where(attention > 0, attention, 1.0)), 0.0), axis=-1)
-  cos = _ops.cosine_matrix(aligned)
+  cos = losses.cosine_matrix(aligned)
   m = cos.shape[-1]
   off = (jnp.sum(cos, axis=(-2, -1)) - jnp.trace(cos, axis1=-2, axis2=-1)) / (
       m * (m - 1)) if m > 1 else jnp.ones(cos.shape[0])

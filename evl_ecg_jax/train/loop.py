@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
-from typing import Callable
+from typing import Any, Callable
 
 from absl import logging
 from etils import epath
@@ -39,36 +40,59 @@ def write_metrics(workdir, results, shown):
                                     shown))
 
 
-def run_mode(config, workdir, run, *, model, teacher, objective, task,
-             load: Callable, train: Callable, evaluate: Callable,
-             model_name: str, shown) -> dict:
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  """A fit's built parts, as plain data for `run_mode` (the signal fit
+  here, the VLM fit in vlm/fit.py).
+
+  Attributes:
+    model, teacher, objective, task: what trains (teacher None: the task
+      loss alone) and how the step reads and scores it (train/step.py).
+    model_name: the trained model's name in metrics.json.
+    shown: metric keys shown on the terminal at the end.
+    load: () -> params {"model": ...} of the workdir (mode=evaluate).
+    train: diagnostics Monitor or None -> trained params.
+    evaluate: params -> {metric: value} on config.eval.splits.
+  """
+  model: Any
+  teacher: Any
+  objective: Any
+  task: Any
+  model_name: str
+  shown: tuple
+  load: Callable
+  train: Callable
+  evaluate: Callable
+
+
+def run_mode(config, workdir, run, spec: RunSpec) -> dict:
   """What the signal and VLM fits share once their models are built.
 
   Writes config.json (config_evaluate.json for mode=evaluate, keeping the
-  training run's as it was); gets params {"model": ...} from `load()`
-  (mode=evaluate) or `train(monitor)` (the distillation diagnostics'
-  Monitor, or None); `evaluate(params)` -> metrics, completed with the
-  diagnostics summary, the model, its size and the runner, written to
-  metrics.json with the `shown` keys on the terminal.
+  training run's as it was); gets params from `spec.load` (mode=evaluate)
+  or `spec.train` (with the distillation diagnostics' Monitor when there
+  is a teacher); evaluates them, completed with the diagnostics summary,
+  the model, its size and the runner, into metrics.json.
   """
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   write_json(workdir, "config.json" if config.mode != "evaluate"
              else "config_evaluate.json", config.to_dict())
   monitor = None
   if config.mode == "evaluate":
-    params = load()
+    params = spec.load()
   else:
-    if teacher is not None and config.eval.diagnostics:
-      monitor = diagnostics.Monitor(run, model=model, teacher=teacher,
-                                    objective=objective, task=task)
-    params = train(monitor)
-  results = evaluate(params)
+    if spec.teacher is not None and config.eval.diagnostics:
+      monitor = diagnostics.Monitor(run, model=spec.model,
+                                    teacher=spec.teacher,
+                                    objective=spec.objective, task=spec.task)
+    params = spec.train(monitor)
+  results = spec.evaluate(params)
   if monitor is not None:
     results.update(monitor.summary())
-  results.update(model=model_name, parallel=run.name,
+  results.update(model=spec.model_name, parallel=run.name,
                  num_params=int(sum(x.size for x in jax.tree.leaves(
                      params["model"]))))
-  write_metrics(workdir, results, shown)
+  write_metrics(workdir, results, spec.shown)
   return results
 
 
@@ -97,39 +121,36 @@ def fit(config, workdir: str) -> dict:
             for name, array in zip(("probs", "labels", "ids"), arrays)})
     return results
 
-  return run_mode(
-      config, workdir, run, model=model, teacher=teacher,
-      objective=objective, task=step_lib.SignalTask,
+  return run_mode(config, workdir, run, RunSpec(
+      model=model, teacher=teacher, objective=objective,
+      task=step_lib.SignalTask,
+      model_name=config[build.trained_block(config)].name,
+      shown=tuple(f"{split}/macro_auc" for split in config.eval.splits),
       load=lambda: {"model": run.place_params(
           checkpoint.load_params(workdir, config.eval.checkpoint)["model"],
           models.abstract_variables(model, example.shape))},
       train=lambda monitor: _train(config, workdir, run, model, teacher,
                                    objective, example, predict, monitor),
-      evaluate=evaluate, model_name=config[build.trained_block(config)].name,
-      shown=[f"{split}/macro_auc" for split in config.eval.splits])
+      evaluate=evaluate))
 
 
 def _train(config, workdir, run, model, teacher, objective, example,
            predict, monitor):
   """Trains `model` (distilled from `teacher` if not None); returns params."""
   init, step_fn, teacher_abstract = build.step_parts(config, model, teacher,
-                                               objective, example)
+                                                     objective, example)
   teacher_params = cached = None
   if teacher is not None:
     teacher_params = build.load_teacher_params(config, run, teacher_abstract)
   if teacher is not None and config.teacher.cache_features:
     cached = teacher_cache.build_or_load(
         config, teacher, teacher_params, objective.model_taps("teacher"))
-  return trainer.train(
-      config, workdir, run, init=init, step_fn=step_fn,
+  return trainer.train(config, workdir, run, trainer.TrainSpec(
+      init=init, step_fn=step_fn,
       batches=pipeline.train_iterator(
           config.data, process_index=jax.process_index(),
           process_count=jax.process_count(), per_record=cached),
-      model_batch=lambda batch: {
-          k: v for k, v in batch.items()
-          if k in ("ecg", "labels", "label_mask")
-          or k.startswith(teacher_cache.PREFIX)},
       validate=lambda params: evaluate_lib.evaluate(
           predict, params, config.data, config.eval.splits[:1]),
       teacher_params=teacher_params, teacher_abstract=teacher_abstract,
-      diagnose=monitor)
+      diagnose=monitor))

@@ -80,29 +80,21 @@ def train_step(state, teacher_params, batch, *, model, teacher, objective,
   Args:
     state: TrainState (replicated, or sharded under jit).
     teacher_params: frozen teacher params, or None when `teacher` is None.
-    batch: {"ecg": [b, T, L], "labels": [b, C]} for this device, and
-      optionally "label_mask" [b] (False: the task loss ignores the labels)
-      and cached teacher outputs "teacher/logits", "teacher/<tap>" (then
-      the teacher is not run).
-    model: the Linen module being trained (params under params["model"];
-      the learned heads of the feature losses, if any, under
-      params["heads"]).
+    batch: this device's {"ecg": [b, T, L], "labels": [b, C]}, optionally
+      "label_mask" [b] and cached "teacher/logits", "teacher/<tap>"
+      outputs (the teacher is then not run).
+    model: the Linen module being trained (params["model"]; the learned
+      heads of the distillation terms, if any, in params["heads"]).
     teacher: frozen Linen teacher, or None (task loss only).
-    objective: `losses.Objective`: (head_params, student_out, teacher_out,
-      labels) -> (loss, terms); `objective.model_taps(role)` names the
-      hidden states it reads from each model.
+    objective: `losses.Objective` (its `model_taps(role)`: what it reads).
     tx: optax transformation.
-    axis_name: the data-parallel axis of the wrapper, or None under jit on
-      a mesh (the batch is then global; no explicit collectives).
+    axis_name: the wrapper's data axis, or None under jit on a mesh.
     task: what the models read from the batch and how the objective
       scores them (`SignalTask`, or vlm.task.VLMTask).
-    accum_steps: gradient accumulation: the batch is split into this many
-      micro-batches (`micro_batches`), run one after the other in a
-      `lax.scan`, and their gradients and metrics are averaged in float32
-      before the single update. Equal to one big batch for every loss that
-      is a mean over examples; a cross-record term (masked means, batch
-      relations, the shuffled teacher) is each micro-batch's, which
-      config.grad_accum_batch_terms must accept.
+    accum_steps: micro-batches (`micro_batches`) run in a `lax.scan`, their
+      gradients and metrics averaged in float32 before the one update: one
+      big batch for a mean over examples; a cross-record term is each
+      micro-batch's (config.grad_accum_batch_terms, docs/scale.md).
 
   Returns:
     (new state, metrics averaged over the batch and `axis_name`).

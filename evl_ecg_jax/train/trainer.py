@@ -1,14 +1,15 @@
 """The training loop every model family shares: restore -> steps -> log ->
 validate -> checkpoint, preemption- and NaN-safe.
 
-What is trained and on which data comes in as functions (`train`'s
-arguments), so ECG classifiers (train/loop.py) and ECG vision-language
-models (vlm/fit.py) run through the same checkpoints, guards and logs.
+What is trained and on which data comes in as a `TrainSpec`, so ECG
+classifiers (train/loop.py) and ECG vision-language models (vlm/fit.py)
+run through the same checkpoints, guards and logs.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+import dataclasses
+from typing import Any, Callable, Iterator, Optional
 
 from absl import logging
 import jax
@@ -28,6 +29,37 @@ from evl_ecg_jax.train import optim
 # logged once at its end); a bounded queue keeps the device busy all the
 # same (one step running, the next queued).
 _IN_FLIGHT = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+  """What `train` runs: built by a fit from the config.
+
+  Attributes:
+    init: rng -> boxed TrainState.
+    step_fn: (state, teacher_params, batch, axis_name) -> (state, metrics).
+    batches: host batches (dicts holding "id"), a checkpointable iterator
+      (`get_state`/`set_state`, e.g. grain's).
+    validate: params -> {metric: float} on the validation split; its
+      `config.ckpt.best_metric` ranks the checkpoints.
+    host_keys: batch entries the step does not read (stay on the host).
+    teacher_params, teacher_abstract: the frozen teacher (placed) and its
+      boxed abstract variables, or None.
+    diagnose: (params, teacher_params, model batch) -> {name: float}, run
+      with `validate` on the step's batch and logged as "diag/<name>"
+      (train/diagnostics.py), or None.
+  """
+  init: Callable
+  step_fn: Callable
+  batches: Iterator
+  validate: Callable
+  host_keys: tuple = ("id",)
+  teacher_params: Any = None
+  teacher_abstract: Any = None
+  diagnose: Optional[Callable] = None
+
+  def model_batch(self, batch) -> dict:
+    return {k: v for k, v in batch.items() if k not in self.host_keys}
 
 
 def _restore_or_init(ckpt, run, init, batches, rng):
@@ -58,35 +90,23 @@ def _validate(validate, diagnose, params, teacher_params, batch, row, step,
   return val
 
 
-def train(config, workdir: str, run, *, init: Callable, step_fn: Callable,
-          batches: Iterator, model_batch: Callable, validate: Callable,
-          teacher_params=None, teacher_abstract=None, diagnose=None):
-  """Runs `config.total_steps` steps (resuming from `workdir`); returns params.
+def _train_row(metrics, skipped, learning_rate) -> dict:
+  """The train/* entries of a logged step (`learning_rate`: its update's)."""
+  row = {f"train/{k}": float(v) for k, v in metrics.items() if k != "finite"}
+  return dict(row, **{"train/skipped_steps": skipped,
+                      "train/learning_rate": learning_rate})
 
-  Args:
-    config: the run config (total_steps, *_every_steps, ckpt, optim, seed,
-      max_bad_steps, mode).
-    workdir: where checkpoints and metrics.jsonl go.
-    run: the runner (train/runner.py) that places state and batches.
-    init: rng -> boxed TrainState.
-    step_fn: (state, teacher_params, batch, axis_name) -> (state, metrics).
-    batches: host batches (dicts holding "id"), a checkpointable iterator
-      (`get_state`/`set_state`, e.g. grain's).
-    model_batch: host batch -> the arrays the step reads.
-    validate: params -> {metric: float} on the validation split; its
-      `config.ckpt.best_metric` ranks the checkpoints.
-    teacher_params, teacher_abstract: the frozen teacher (placed) and its
-      boxed abstract variables, or None.
-    diagnose: (params, teacher_params, model batch) -> {name: float}, run
-      with `validate` on the step's batch and logged as "diag/<name>"
-      (train/diagnostics.py), or None.
-  """
+
+def train(config, workdir: str, run, spec: TrainSpec):
+  """Runs `config.total_steps` steps of `spec` with the runner `run`,
+  resuming from `workdir` (checkpoints, metrics.jsonl); returns params."""
+  batches, teacher_params = spec.batches, spec.teacher_params
   ckpt = checkpoint.Checkpointer(
       workdir, max_to_keep=config.ckpt.max_to_keep, config=config.to_dict(),
       best_metric=config.ckpt.best_metric, best_mode=config.ckpt.best_mode)
-  state, target = _restore_or_init(ckpt, run, init, batches,
+  state, target = _restore_or_init(ckpt, run, spec.init, batches,
                                    jax.random.PRNGKey(config.seed))
-  p_train = run.train_step(step_fn, target, teacher_abstract)
+  p_train = run.train_step(spec.step_fn, target, spec.teacher_abstract)
   schedule = optim.learning_rate_schedule(config.optim, config.total_steps)
   writer = MetricWriter(workdir)
   guard = guards.NonFiniteGuard(config.max_bad_steps)
@@ -102,7 +122,7 @@ def train(config, workdir: str, run, *, init: Callable, step_fn: Callable,
       for step in bar:
         batch = next(batches)
         state, metrics = p_train(state, teacher_params,
-                                 run.put_batch(model_batch(batch)))
+                                 run.put_batch(spec.model_batch(batch)))
         done = step + 1
         pending.append((done, metrics["finite"], batch["id"]))
         if len(pending) > _IN_FLIGHT:  # bound the dispatch queue
@@ -110,18 +130,15 @@ def train(config, workdir: str, run, *, init: Callable, step_fn: Callable,
         row = {}  # one metrics.jsonl line per step
         if done % config.log_every_steps == 0 or done == config.total_steps:
           guard.check_all(pending)
-          row = {f"train/{k}": float(v) for k, v in metrics.items()
-                 if k != "finite"}
-          row["train/skipped_steps"] = guard.total
-          row["train/learning_rate"] = float(schedule(step))  # this update
+          row = _train_row(metrics, guard.total, float(schedule(step)))
           bar.set_postfix(loss=f"{row['train/loss']:.4f}")
         # Validation at eval steps (and the last one when checkpoints are
         # ranked by it); each such step is checkpointed with its metrics.
         val = None
         if done % config.eval_every_steps == 0 or (
             done == config.total_steps and config.ckpt.best_metric):
-          val = _validate(validate, diagnose, state.params, teacher_params,
-                          model_batch(batch), row, done,
+          val = _validate(spec.validate, spec.diagnose, state.params,
+                          teacher_params, spec.model_batch(batch), row, done,
                           config.ckpt.best_metric or "validation/macro_auc")
         if row:
           writer.write(done, row)

@@ -174,11 +174,7 @@ def fit(config, workdir: str) -> dict:
   check(config)
   run, workdir = build.prepare(config, workdir, model_names=())
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  if config.data.tfds_name.startswith("ptbxl") and config.data.manual_dir:
-    descriptions = text_lib.ptbxl_descriptions(config.data.manual_dir,
-                                               config.data.class_names)
-  else:
-    descriptions = text_lib.describe_classes(config.data.class_names)
+  descriptions = _descriptions(config)
   toks = tokenizers(config, workdir, descriptions)
   trained = build.trained_block(config)
   size = tuple(config.vlm.image_size)
@@ -187,8 +183,6 @@ def fit(config, workdir: str) -> dict:
   teacher = (build_model(config.teacher, toks["teacher"].vocab_size,
                          field="teacher", image_size=size)
              if build.uses_teacher(config) else None)
-  objective = build.objective(config)
-  task = task_lib.VLMTask(trained=trained)
   batcher = data_lib.Batcher(
       tokenizers=toks, class_names=tuple(config.data.class_names),
       descriptions=descriptions, sampling_rate=config.data.sampling_rate,
@@ -198,19 +192,28 @@ def fit(config, workdir: str) -> dict:
   first = pipeline.example(config.data)
   example = _model_batch(batcher(
       {k: np.asarray(v)[None] for k, v in first.items()}, 0))
-  return loop.run_mode(
-      config, workdir, run, model=model, teacher=teacher,
-      objective=objective, task=task,
+  validate = _validator(config, batcher, model, toks[trained], descriptions)
+  spec = loop.RunSpec(
+      model=model, teacher=teacher, objective=build.objective(config),
+      task=task_lib.VLMTask(trained=trained), model_name=config[trained].preset,
+      shown=tuple(f"{split}/soft/macro_auc" for split in config.eval.splits),
       load=lambda: {"model": checkpoint.load_params(
           workdir, config.eval.checkpoint)["model"]},
-      train=lambda monitor: _train(config, workdir, run, model, teacher,
-                                   objective, task, batcher, example,
-                                   toks[trained], descriptions, monitor),
+      train=lambda monitor: _train(config, workdir, run, spec, batcher,
+                                   example, validate, monitor),
       evaluate=lambda params: _evaluate(
           config, batcher, model, params["model"], toks[trained],
-          descriptions, config.eval.splits),
-      model_name=config[trained].preset,
-      shown=[f"{split}/soft/macro_auc" for split in config.eval.splits])
+          descriptions, config.eval.splits))
+  return loop.run_mode(config, workdir, run, spec)
+
+
+def _descriptions(config):
+  """Class descriptions of the report texts: PTB-XL's statements, or the
+  built-in ones."""
+  if config.data.tfds_name.startswith("ptbxl") and config.data.manual_dir:
+    return text_lib.ptbxl_descriptions(config.data.manual_dir,
+                                       config.data.class_names)
+  return text_lib.describe_classes(config.data.class_names)
 
 
 def _model_batch(batch):
@@ -219,12 +222,13 @@ def _model_batch(batch):
           if k not in ("id", "labels")}
 
 
-def _train(config, workdir, run, model, teacher, objective, task, batcher,
-           example, tokenizer, descriptions, monitor):
+def _train(config, workdir, run, spec, batcher, example, validate, monitor):
+  """Trains `spec.model` (a ViT pre-trained on the labels first, when the
+  config asks); returns params {"model": ...}."""
   init, step_fn, teacher_abstract = build.step_parts(
-      config, model, teacher, objective, example, task)
+      config, spec.model, spec.teacher, spec.objective, example, spec.task)
   teacher_params = None
-  if teacher is not None:
+  if spec.teacher is not None:
     teacher_params = build.load_teacher_params(config, run, teacher_abstract)
   batches = data_lib.VLMBatches(pipeline.train_iterator(
       config.data, process_index=jax.process_index(),
@@ -235,16 +239,14 @@ def _train(config, workdir, run, model, teacher, objective, task, batcher,
     images = ({"image": batcher.images(b["ecg"]), "labels": b["labels"]}
               for b in pipeline.train_iterator(config.data))
     vit, _ = vision.pretrain(
-        model, images, steps=steps, seed=config.seed,
+        spec.model, images, steps=steps, seed=config.seed,
         num_classes=len(config.data.class_names),
         learning_rate=config.optim.learning_rate)
     init = vision.with_vision(init, vit)
-  return {"model": trainer.train(
-      config, workdir, run, init=init,
-      step_fn=step_fn, batches=batches, model_batch=_model_batch,
-      validate=_validator(config, batcher, model, tokenizer, descriptions),
-      teacher_params=teacher_params,
-      teacher_abstract=teacher_abstract, diagnose=monitor)["model"]}
+  return {"model": trainer.train(config, workdir, run, trainer.TrainSpec(
+      init=init, step_fn=step_fn, batches=batches, validate=validate,
+      host_keys=("id", "labels"), teacher_params=teacher_params,
+      teacher_abstract=teacher_abstract, diagnose=monitor))["model"]}
 
 
 def stages(config, workdir: str):

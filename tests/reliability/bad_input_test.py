@@ -295,9 +295,17 @@ def test_partial_checkpoint_is_never_restored(tmp_path):
 # --- Config, before anything compiles --------------------------------------
 
 def _distill(**overrides):
+  """loss=evl with `overrides` set; a model block takes a field it does not
+  list (a module attribute, e.g. teacher.lead_groups)."""
   config = default.get_config("mode=distill,loss=evl")
   config.teacher.init = "/t"
-  return config_lib.override(config, overrides)
+  for key, value in overrides.items():
+    *blocks, field = key.split(".")
+    node = config
+    for part in blocks:
+      node = node[part]
+    node[field] = value
+  return config
 
 
 CONFIG_CASES = {
@@ -341,11 +349,11 @@ BUILD_CASES = {
                                     r".*lead_groups=5"),
     "config_mhca_heads_vs_width": ({"loss.terms.mhca.num_heads": 7},
                                    r"config.loss.terms.mhca.num_heads=7.*width"),
-    "config_token_tap_is_pooled": ({"loss.student_hidden_tap": "pooled"},
-                                   r"config.loss.student_hidden_tap="
+    "config_token_tap_is_pooled": ({"loss.taps.student_hidden": "pooled"},
+                                   r"config.loss.taps.student_hidden="
                                    r"'pooled'.*\[B, N, D\]"),
-    "config_unknown_tap": ({"loss.teacher_ot_tap": "block99"},
-                           r"config.loss.teacher_ot_tap='block99'"),
+    "config_unknown_tap": ({"loss.taps.teacher_ot": "block99"},
+                           r"config.loss.taps.teacher_ot='block99'"),
 }
 
 
