@@ -10,8 +10,8 @@ size=tiny|small|base|large|2b|7b (both models; teacher_size= / student_size=
 set one), teacher=vit1d and model=cnn1d|xresnet1d|convnext1d|vit1d (the
 model families), teacher_leads= / student_leads=all|limb|precordial|I+II|I
 (leads each model reads; e.g. a lead-I wearable student of a 12-lead
-teacher), loss=ce|kd|fitnet|rkd|dkd|tinybert|uld|crd|dist (baselines)|evl (redesigned)|
-evl_paper (the paper's formulation)|evl_no_mhca|evl_no_rel|evl_no_ot|
+teacher), loss=ce|kd|fitnet|rkd|dkd|tinybert|uld|crd|dist (baselines)|
+evl (redesigned)|evl_paper (the paper's formulation)|evl_no_mhca|evl_no_rel|evl_no_ot|
 evl_shuffled (EVL fed another record's teacher: the control),
 data=synthetic|synthetic500|synthetic_tiny|ptbxl|ptbxl500,
 folds=standard|shared (PTB-XL: train 1-8/val 9/test 10, or 1-7/8/9 for the

@@ -44,10 +44,7 @@ def test_the_settings_a_part_owns_have_no_second_default():
   # The ones that disagreed before the parts (issue 37): Sinkhorn's
   # tolerance and cap, the logit temperatures, MHCA's heads.
   assert "solver" not in _keyword_defaults(ot.ot_loss.__wrapped__)
-  assert not any(f.default is not dataclasses.MISSING
-                 for f in dataclasses.fields(ot.Solver)
-                 ) if dataclasses.is_dataclass(ot.Solver) else (
-                     not ot.Solver._field_defaults)  # pylint: disable=protected-access
+  assert not ot.Solver._field_defaults  # pylint: disable=protected-access
   assert "temperature" not in _keyword_defaults(kd.logit_kd_loss)
   assert "temperature" not in _keyword_defaults(kd.dkd_loss)
   assert "temperature" not in _keyword_defaults(contrastive.crd_loss)
