@@ -130,7 +130,7 @@ def main(argv):
     specs[f"student, {loss}, cached teacher"] = (get(loss.lower()), "student",
                                                  "teacher", True)
   ot_only = get("evl")
-  ot_only.loss.mhca_weight = ot_only.loss.relation_weight = 0.0
+  ot_only.loss.terms.mhca.weight = ot_only.loss.terms.relation.weight = 0.0
   specs["student, OT alone"] = (ot_only, "student", "teacher")
   cases = {name: _case(*spec) for name, spec in specs.items()}
   times = _timing.time_interleaved(

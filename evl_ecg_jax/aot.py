@@ -225,8 +225,8 @@ def _flops(config, batch, student, teacher, objective, task,
                      .cost_analysis()["flops"])
   tokens = lambda out, tap: out[1][tap].shape[1] if tap in out[1] else 0
   ot = _sinkhorn_flops(config, batch,
-                       tokens(t_out, config.loss.teacher_ot_tap),
-                       tokens(s_out, config.loss.student_ot_tap))
+                       tokens(t_out, config.loss.taps.teacher_ot),
+                       tokens(s_out, config.loss.taps.student_ot))
   return {"model_flops_per_step": batch * (3 * s_fwd + t_fwd) + loss_flops
                                   + ot,
           "student_fwd_flops_per_example": s_fwd,

@@ -143,8 +143,8 @@ def test_distill_evl_and_ablations(teacher_dir, tfds_dir, tmp_path, evl_run,
     # relation on intermediate layers and the teacher frozen in bfloat16.
     # (XResNet1D itself trains in tests/models; its distillation run is slow.)
     pytest.param("model=xresnet1d", {}, marks=_SLOW),
-    pytest.param("student_leads=I", {"loss.student_hidden_tap": "stage2",
-                                      "loss.teacher_hidden_tap": "block1",
+    pytest.param("student_leads=I", {"loss.taps.student_hidden": "stage2",
+                                      "loss.taps.teacher_hidden": "block1",
                                       "teacher.frozen_param_dtype": "bfloat16"},
                  marks=_SLOW),
 ])
