@@ -136,6 +136,10 @@ def _collect_ot_plan(result, protocol, method):
   workdir = run["metrics"]["workdir"]
   with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
     config = ml_collections.ConfigDict(json.load(f))
+  if "terms" not in config.loss:
+    raise ValueError(f"{workdir}/config.json: config.loss has no 'terms' "
+                     "section (a run stored before the loss terms became "
+                     "parts, issue 37); re-run it to draw its OT plan.")
   batch = next(pipeline.eval_batches(config.data, "test"))
   n = len(config.data.class_names)
   student = models.get(config.student, n)
