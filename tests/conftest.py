@@ -56,6 +56,19 @@ def family_params(families, default=("cnn1d", "vit1d")):
           for f in families]
 
 
+def set_fields(config, fields):
+  """Sets dotted config fields in place, adding a field a block does not
+  list (a model block takes any module attribute, e.g. teacher.lead_groups,
+  which config_lib.override refuses); returns `config`."""
+  for key, value in fields.items():
+    *blocks, field = key.split(".")
+    node = config
+    for block in blocks:
+      node = node[block]
+    node[field] = value
+  return config
+
+
 def write_ptbxl_db(root, rows, fields):
   """Writes rows as `root`/ptbxl_database.csv."""
   with open(root / "ptbxl_database.csv", "w", newline="") as f:

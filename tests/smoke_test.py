@@ -10,6 +10,7 @@ import pytest
 
 from configs import default
 from conftest import REPO
+from conftest import set_fields
 from evl_ecg_jax import checkpoint
 from evl_ecg_jax import config as config_lib
 from evl_ecg_jax.train import loop
@@ -18,13 +19,7 @@ from evl_ecg_jax.train import loop
 def _config(arg, tfds_dir, **overrides):
   config = default.get_config(arg + ",runlocal")
   config.data.data_dir = tfds_dir
-  for key, value in overrides.items():
-    *blocks, field = key.split(".")
-    node = config
-    for block in blocks:
-      node = node[block]
-    node[field] = value
-  return config
+  return set_fields(config, overrides)
 
 
 @pytest.fixture(scope="module")

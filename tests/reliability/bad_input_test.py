@@ -16,6 +16,7 @@ import scipy.io
 from conftest import DATA
 from conftest import REPO
 from conftest import copy_ptbxl
+from conftest import set_fields
 from conftest import write_ptbxl_db
 from configs import default
 from evl_ecg_jax import checkpoint
@@ -295,17 +296,9 @@ def test_partial_checkpoint_is_never_restored(tmp_path):
 # --- Config, before anything compiles --------------------------------------
 
 def _distill(**overrides):
-  """loss=evl with `overrides` set; a model block takes a field it does not
-  list (a module attribute, e.g. teacher.lead_groups)."""
   config = default.get_config("mode=distill,loss=evl")
   config.teacher.init = "/t"
-  for key, value in overrides.items():
-    *blocks, field = key.split(".")
-    node = config
-    for part in blocks:
-      node = node[part]
-    node[field] = value
-  return config
+  return set_fields(config, overrides)
 
 
 CONFIG_CASES = {
