@@ -266,7 +266,7 @@ def _student_config(method, protocol, seed, teacher_spec, teacher_dir,
            "evl_no_rel": "relation"}[method]
     loss[f"loss.{_W(off)}"] = 0.0
   # The teacher is frozen and no augmentation is on: read its outputs from
-  # the cache (train/teacher_cache.py) instead of running it every step.
+  # the cache (train/teacher_store.py) instead of running it every step.
   # Diagnostics (their own compiles) only where the report draws them.
   config = _config(arg, seed, {
       **overrides, **loss, "teacher.init": teacher_dir,

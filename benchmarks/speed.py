@@ -51,7 +51,7 @@ def _case(config, trained, teacher_block, cached=False):
   """(step callable taking no args, batch size) for one configuration.
 
   `cached`: the batch carries the teacher's outputs (as read from
-  train/teacher_cache.py's cache), so the step skips the teacher forward.
+  train/teacher_store.py's cache), so the step skips the teacher forward.
   """
   n_dev = jax.local_device_count()
   batch_size = config.data.batch_size

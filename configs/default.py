@@ -204,8 +204,8 @@ def _model_configs(arg, rate):
       # Dtype of the frozen teacher's params in distillation (cast on load).
       frozen_param_dtype=("bfloat16" if teacher_size in _BF16_TEACHER
                           else "float32"),
-      # Distillation reads the teacher's outputs from a cache written once
-      # under teacher.init/feature_cache (train/teacher_cache.py) instead of
+      # Distillation reads the teacher's outputs from a store written once
+      # under teacher.init/teacher_store (train/teacher_store.py) instead of
       # running it every step; refused with augmentations on.
       cache_features=False,
       **model_block("teacher", arg.teacher, teacher_size, arg.teacher_leads))

@@ -20,7 +20,7 @@ CFG="configs/default.py"
 V=${VARIANTS:+,${VARIANTS}}
 DATA=(--config.data.data_dir="${WORKDIR}/tfds")
 # The distilled runs read the frozen teacher's outputs from a cache written
-# once under the teacher's workdir (train/teacher_cache.py; no
+# once under the teacher's workdir (train/teacher_store.py; no
 # augmentations here), instead of running the teacher at every step.
 TEACHER=(--config.teacher.init="${WORKDIR}/teacher"
          --config.teacher.cache_features=True)

@@ -190,7 +190,7 @@ def test_baselines_train_through_the_same_step(teacher_dir, tfds_dir, tmp_path,
 def test_cached_teacher_gives_the_online_result(teacher_dir, tfds_dir,
                                                 tmp_path):
   """A feature loss (FitNet on the teacher's tokens) with the teacher's
-  outputs read from the cache = with the teacher run in every step (same
+  outputs read from the store = with the teacher run in every step (same
   params after the run, within float noise)."""
   params = {}
   for cache in (False, True):
@@ -205,36 +205,39 @@ def test_cached_teacher_gives_the_online_result(teacher_dir, tfds_dir,
   import jax  # pylint: disable=g-import-not-at-top
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4),
                params[False], params[True])
-  caches = os.listdir(os.path.join(teacher_dir, "feature_cache"))
-  assert len(caches) == 1 and not caches[0].startswith(".tmp")
-  root = os.path.join(teacher_dir, "feature_cache", caches[0])
-  assert {"logits.npy", "tokens.npy", "ids.npy"} <= set(os.listdir(root))
-  # The cached rows are the teacher's outputs for those records, in order.
+  stores = os.listdir(os.path.join(teacher_dir, "teacher_store"))
+  assert len(stores) == 1 and not stores[0].startswith(".tmp")
+  root = os.path.join(teacher_dir, "teacher_store", stores[0])
+  shard = os.path.join(root, "shard-00000")
+  assert {"logits.npy", "tokens.npy", "ids.npy"} <= set(os.listdir(shard))
+  # The stored rows are the teacher's outputs for those records, in order.
   from evl_ecg_jax import models  # pylint: disable=g-import-not-at-top
   from evl_ecg_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  config = _config("mode=distill,loss=fitnet", tfds_dir)
-  src = pipeline.source(config.data, "train")
-  rows = [0, 5, len(src) - 1]
-  np.testing.assert_array_equal(np.load(os.path.join(root, "ids.npy"))[rows],
-                                [src[i]["id"] for i in rows])
+  from evl_ecg_jax.train import teacher_store  # pylint: disable=g-import-not-at-top
+  config = _config("mode=distill,loss=fitnet", tfds_dir,
+                   **{"teacher.init": teacher_dir})
   teacher = models.get(config.teacher, 5)
+  teacher_params = checkpoint.load_params(teacher_dir)["model"]
+  spec = teacher_store.manifest(config, teacher, teacher_params, ("tokens",))
+  rows = teacher_store.load(root, spec)
+  src = pipeline.source(config.data, "train")
+  picks = [0, 5, len(src) - 1]
+  np.testing.assert_array_equal([rows["id"][i] for i in picks],
+                                [src[i]["id"] for i in picks])
   logits, feats = teacher.apply(
-      {"params": checkpoint.load_params(teacher_dir)["model"]},
-      np.stack([src[i]["ecg"] for i in rows]), taps=("tokens",))
-  np.testing.assert_allclose(np.load(os.path.join(root, "logits.npy"))[rows],
+      {"params": teacher_params},
+      np.stack([src[i]["ecg"] for i in picks]), taps=("tokens",))
+  np.testing.assert_allclose([rows["teacher/logits"][i] for i in picks],
                              logits, atol=1e-5)
-  np.testing.assert_allclose(np.load(os.path.join(root, "tokens.npy"))[rows],
+  np.testing.assert_allclose([rows["teacher/tokens"][i] for i in picks],
                              feats["tokens"], atol=1e-4)
-  # Two runs of a sweep building the same cache at once: the later one
-  # finds the complete cache in place, keeps it and leaves no temporary.
-  from evl_ecg_jax.train import teacher_cache  # pylint: disable=g-import-not-at-top
+  # A later run finds the complete store and writes nothing.
   before = {n: os.path.getmtime(os.path.join(root, n))
             for n in os.listdir(root)}
-  teacher_cache._build(config, teacher, checkpoint.load_params(  # pylint: disable=protected-access
-      teacher_dir)["model"], ("tokens",), root)
+  teacher_store.write(config, teacher, teacher_params, ("tokens",), root,
+                      spec)
   assert before == {n: os.path.getmtime(os.path.join(root, n))
                     for n in os.listdir(root)}
-  assert os.listdir(os.path.join(teacher_dir, "feature_cache")) == caches
   with pytest.raises(config_lib.ConfigError, match="cache_features=True "
                      "with training augmentations"):
     loop.fit(_config("mode=distill,loss=fitnet", tfds_dir,

@@ -149,6 +149,15 @@ def _train_records(data_cfg, train):
   return _IN_MEMORY[key], grain.MapDataset.source(_IN_MEMORY[key])
 
 
+def _joined(example, ids, row):
+  """`example` once its record id is row `row` of `ids` (None: no check)."""
+  if ids is not None and not np.array_equal(ids[row], example["id"]):
+    raise ValueError(f"Training record {example['id']!r} (position {row}): "
+                     f"the per-record rows there are record {ids[row]!r}; "
+                     "they were written for another order or split.")
+  return example
+
+
 def train_iterator(data_cfg, *, process_index=0, process_count=1,
                    read_threads=None, per_record=None):
   """Infinite, checkpointable iterator of host-local training batches.
@@ -158,8 +167,9 @@ def train_iterator(data_cfg, *, process_index=0, process_count=1,
 
   Augmentations draw from a generator seeded by `shuffle_seed` and the
   example's position in the stream, so a restored iterator repeats them.
-  `per_record` ({key: array [N, ...]} in the split's record order, e.g.
-  cached teacher outputs) adds row i of each array to record i.
+  `per_record` ({key: rows [N, ...]} in the split's record order, e.g. the
+  teacher-output store's) adds row i of each to record i; its "id" rows,
+  if given, must be the records' ids (ValueError naming the record).
   """
   batch = host_batch_size(data_cfg.batch_size, process_count)
   train = source(data_cfg, "train")
@@ -167,6 +177,7 @@ def train_iterator(data_cfg, *, process_index=0, process_count=1,
   # instead of decoding the split once more.
   records, ds = _train_records(data_cfg, train)
   extra = dict(per_record or {})
+  ids = extra.pop("id", None)
   mask = _label_mask(data_cfg, records)
   if mask is not None:
     extra["label_mask"] = mask
@@ -178,7 +189,7 @@ def train_iterator(data_cfg, *, process_index=0, process_count=1,
     # By position in the whole split, before sharding; grain hands later
     # epochs' positions on unreduced (i + epoch·N), hence the modulo.
     n = len(train)
-    ds = ds.map_with_index(lambda i, ex: dict(ex, **{
+    ds = ds.map_with_index(lambda i, ex: dict(_joined(ex, ids, i % n), **{
         k: np.asarray(v[i % n]) for k, v in extra.items()}))
   ds = _preprocessed(ds.shuffle(seed=data_cfg.shuffle_seed).repeat(),
                      data_cfg)

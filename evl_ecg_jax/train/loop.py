@@ -23,7 +23,7 @@ from evl_ecg_jax.train import build
 from evl_ecg_jax.train import diagnostics
 from evl_ecg_jax.train import trainer
 from evl_ecg_jax.train import step as step_lib
-from evl_ecg_jax.train import teacher_cache
+from evl_ecg_jax.train import teacher_store
 
 
 def write_json(workdir, name, payload):
@@ -104,7 +104,7 @@ def fit(config, workdir: str) -> dict:
   model, teacher = build.build_models(config, objective, example.shape)
   if teacher is not None and config.teacher.cache_features:
     try:
-      teacher_cache.check(config)
+      teacher_store.check(config)
     except ValueError as e:
       raise config_lib.ConfigError(str(e)) from None
   predict = run.predictor(functools.partial(step_lib.predict_step,
@@ -143,7 +143,7 @@ def _train(config, workdir, run, model, teacher, objective, example,
   if teacher is not None:
     teacher_params = build.load_teacher_params(config, run, teacher_abstract)
   if teacher is not None and config.teacher.cache_features:
-    cached = teacher_cache.build_or_load(
+    cached = teacher_store.build_or_load(
         config, teacher, teacher_params, objective.model_taps("teacher"))
   return trainer.train(config, workdir, run, trainer.TrainSpec(
       init=init, step_fn=step_fn,

@@ -46,7 +46,7 @@ def teacher_outputs(teacher, teacher_params, batch, taps, task=SignalTask):
   """(logits, {tap: hidden}) of the frozen teacher, or None without one.
 
   Cached outputs in the batch ("teacher/logits", "teacher/<tap>", from
-  train/teacher_cache.py) are used instead of running the teacher.
+  train/teacher_store.py) are used instead of running the teacher.
   """
   if "teacher/logits" in batch:
     return batch["teacher/logits"], {tap: batch[f"teacher/{tap}"]

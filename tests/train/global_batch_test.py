@@ -8,7 +8,7 @@ the step on one device and under pmap, spmd (a 4 x 2 x 1 mesh) and
 shard_map on 8 fake devices at 1 and 2 examples per device: step-1 terms
 agree to 1e-4 relative and params after 3 SGD steps to 1e-5.
 
-The teacher's outputs are cached in the batch, as train/teacher_cache.py
+The teacher's outputs are cached in the batch, as train/teacher_store.py
 does, so that each program compiles the student's step alone.
 """
 

@@ -1,0 +1,251 @@
+"""The teacher-output store: a frozen teacher's outputs for the training
+split, written once, sharded by record.
+
+A distillation sweep runs the same frozen teacher over the same records in
+every run. With `config.teacher.cache_features`, its logits and the feature
+taps the objective reads are written once per (teacher, data,
+preprocessing, taps) under the teacher's workdir:
+
+  teacher_store/<key>/manifest.json   what the store holds (below)
+  teacher_store/<key>/shard-00000/    ids.npy, logits.npy, <tap>.npy: the
+                                      rows of SHARD_BATCHES eval batches
+
+The manifest names the teacher (its model block and a sha256 of its
+params), the data and preprocessing (TFDS name, split, sampling rate,
+transforms), the taps with their shapes and dtypes, and the logit format
+(full, float32). Each shard is written to a temporary folder and renamed
+into place, so a shard is there whole or not at all: an interrupted write
+resumes with the missing shards, and process p of P writes the shards
+i ≡ p (mod P) (every process then reads them all). The training pipeline
+joins each record's rows to its example, checking the record id, and the
+train step skips the teacher forward.
+
+Augmentations change the input the teacher would see, so a stored teacher
+would be answering for another signal: the store with augmentations on is
+refused (deterministic preprocessing is fine: it is applied before the
+teacher, exactly as in training).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+
+from absl import logging
+import jax
+import numpy as np
+
+from evl_ecg_jax import parallel
+from evl_ecg_jax.data import pipeline
+from evl_ecg_jax.data import transforms
+
+PREFIX = "teacher/"
+SHARD_BATCHES = 16  # eval batches (data.eval_batch_size records) a shard
+FORMAT = 1
+
+
+def check(config) -> None:
+  """Raises ValueError naming the field when storing cannot be honest."""
+  if transforms.make_augment(config.data.transforms,
+                             config.data.sampling_rate) is not None:
+    raise ValueError(
+        "config.teacher.cache_features=True with training augmentations on "
+        "(config.data.transforms: scale / baseline_wander / noise_std / "
+        "lead_dropout): the stored teacher would answer for the "
+        "un-augmented signal. Turn one of them off.")
+
+
+def _digest(params) -> str:
+  """sha256 of the teacher's params (paths, dtypes, shapes and bytes)."""
+  h = hashlib.sha256()
+  for path, x in jax.tree_util.tree_leaves_with_path(params):
+    x = np.asarray(jax.device_get(x))
+    h.update(f"{jax.tree_util.keystr(path)}:{x.dtype}:{x.shape}".encode())
+    h.update(np.ascontiguousarray(x).tobytes())
+  return h.hexdigest()
+
+
+def manifest(config, teacher, teacher_params, taps) -> dict:
+  """What the store of this run holds: teacher, data, preprocessing, the
+  outputs' per-record shapes and dtypes, the logit format, the sharding."""
+  block = {k: v for k, v in config.teacher.to_dict().items()
+           if k not in ("init", "cache_features")}
+  data = {k: config.data[k] for k in ("tfds_name", "sampling_rate",
+                                      "eval_batch_size")}
+  data.update(split=config.data.splits["train"],
+              transforms=config.data.transforms.to_dict(),
+              records=len(pipeline.source(config.data, "train")))
+  example = np.asarray(pipeline.example(config.data)["ecg"])[None]
+  shapes = jax.eval_shape(_predictor(teacher, tuple(taps), pmapped=False),
+                          teacher_params, {"ecg": example})
+  outputs = {n: [list(x.shape[1:]), "float32"] for n, x in shapes.items()}
+  return json.loads(json.dumps(dict(
+      format=FORMAT, teacher=dict(model=block,
+                                  params_sha256=_digest(teacher_params)),
+      data=data, taps=list(taps), outputs=outputs, logits="full float32",
+      shard_batches=SHARD_BATCHES), default=str))
+
+
+def _shards(spec) -> int:
+  """Shards of a complete store."""
+  batches = -(-spec["data"]["records"] // spec["data"]["eval_batch_size"])
+  return -(-batches // spec["shard_batches"])
+
+
+def _key(spec) -> str:
+  return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()
+                        ).hexdigest()[:16]
+
+
+def build_or_load(config, teacher, teacher_params, taps) -> dict:
+  """{"teacher/logits": rows [N, C], "teacher/<tap>": rows [N, ...],
+  "id": [N]} of the training split, in its record order: written on first
+  use (this process's shards), then read."""
+  spec = manifest(config, teacher, teacher_params, taps)
+  root = os.path.join(os.path.abspath(os.path.expanduser(
+      config.teacher.init)), "teacher_store", _key(spec))
+  write(config, teacher, teacher_params, taps, root, spec,
+        process_index=jax.process_index(),
+        process_count=jax.process_count())
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f"teacher_store:{root}")
+  return load(root, spec)
+
+
+def _write_manifest(root, spec):
+  """The manifest, written once; an existing one must be `spec`."""
+  path = os.path.join(root, "manifest.json")
+  if os.path.isfile(path):
+    _check_manifest(root, spec)
+    return
+  os.makedirs(root, exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(spec, f, indent=1, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def _check_manifest(root, spec):
+  """ValueError naming the first field where the store and the run differ."""
+  with open(os.path.join(root, "manifest.json"), encoding="utf-8") as f:
+    stored = json.load(f)
+
+  def differ(a, b, where):
+    if isinstance(a, dict) and isinstance(b, dict):
+      for k in sorted(set(a) | set(b)):
+        found = differ(a.get(k), b.get(k), f"{where}.{k}")
+        if found:
+          return found
+      return None
+    return None if a == b else (where, a, b)
+  found = differ(stored, spec, "manifest")
+  if found:
+    raise ValueError(f"{root}/manifest.json: {found[0]} is {found[1]!r}, "
+                     f"the run expects {found[2]!r}.")
+
+
+def _shard_dir(root, index):
+  return os.path.join(root, f"shard-{index:05d}")
+
+
+def write(config, teacher, teacher_params, taps, root, spec, *,
+          process_index=0, process_count=1) -> None:
+  """Writes this process's missing shards of the store at `root`."""
+  _write_manifest(root, spec)
+  predict = _predictor(teacher, tuple(taps))
+  n_dev = jax.local_device_count()
+  pending, current = {}, None
+  for i, batch in enumerate(pipeline.eval_batches(config.data, "train")):
+    shard = i // SHARD_BATCHES
+    if shard != current and pending:
+      _save_shard(root, current, pending)
+      pending = {}
+    current = shard
+    if shard % process_count != process_index or os.path.isdir(
+        _shard_dir(root, shard)):
+      continue  # another process's shard, or already written
+    if not pending:
+      logging.info("Teacher store %s: writing shard %d", root, shard)
+    out = predict(teacher_params, parallel.split_batch(
+        {"ecg": batch["ecg"]}, n_dev))
+    keep = batch["mask"]
+    rows = {n: parallel.merge_outputs(v)[keep].astype(np.float32)
+            for n, v in out.items()}
+    rows["ids"] = batch["id"][keep]
+    for name, value in rows.items():
+      pending.setdefault(name, []).append(value)
+  if pending:
+    _save_shard(root, current, pending)
+
+
+def _predictor(teacher, taps, pmapped=True):
+  def fn(params, batch):
+    logits, feats = teacher.apply({"params": params}, batch["ecg"], taps=taps)
+    return {"logits": logits, **feats}
+  return parallel.pmap_predict(fn) if pmapped else fn
+
+
+def _save_shard(root, index, pending):
+  """Writes one shard to a temporary folder, then renames it into place
+  (another writer's complete copy of the same shard is kept)."""
+  final = _shard_dir(root, index)
+  tmp = tempfile.mkdtemp(dir=root, prefix=".tmp_")
+  try:
+    for name, chunks in pending.items():
+      np.save(os.path.join(tmp, f"{name}.npy"), np.concatenate(chunks))
+    try:
+      os.replace(tmp, final)
+    except OSError:
+      if not os.path.isdir(final):
+        raise
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+class Rows:
+  """Row i of a store output across its shards (memory-mapped): what the
+  training pipeline reads per record (`len`, `rows[i]`)."""
+
+  def __init__(self, arrays):
+    self._arrays = arrays
+    self._starts = np.cumsum([0] + [len(a) for a in arrays])
+
+  def __len__(self):
+    return int(self._starts[-1])
+
+  def __getitem__(self, i):
+    shard = int(np.searchsorted(self._starts, i, side="right")) - 1
+    return self._arrays[shard][i - self._starts[shard]]
+
+  @property
+  def shape(self):
+    return (len(self),) + self._arrays[0].shape[1:]
+
+  @property
+  def dtype(self):
+    return self._arrays[0].dtype
+
+
+def load(root, spec) -> dict:
+  """The store at `root` as {"teacher/<output>": Rows, "id": Rows}; checks
+  the manifest against `spec` and that no shard is missing."""
+  _check_manifest(root, spec)
+  shards = sorted(d for d in os.listdir(root) if d.startswith("shard-"))
+  want = [os.path.basename(_shard_dir(root, i)) for i in range(_shards(spec))]
+  if shards != want:
+    missing = sorted(set(want) - set(shards))
+    raise ValueError(f"{root}: shards {missing[:3]} of {len(want)} are "
+                     "missing (an unfinished write: rerun the same command "
+                     "to resume it).")
+  names = sorted(n[:-4] for n in os.listdir(os.path.join(root, shards[0]))
+                 if n.endswith(".npy"))
+  out = {}
+  for name in names:
+    rows = Rows([np.load(os.path.join(root, d, f"{name}.npy"), mmap_mode="r")
+                 for d in shards])
+    out["id" if name == "ids" else PREFIX + name] = rows
+  return out
