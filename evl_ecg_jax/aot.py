@@ -27,7 +27,7 @@ an implicit-gradient solve), so the step's FLOPs are counted as model
 FLOPs: B x (3 x student forward + teacher forward) from
 `models.flops_per_example` (loop-free lowerings, exact), plus the objective
 and its gradient from the cost analysis of the loss alone, with Sinkhorn
-bounded at `ot_max_iterations` (6 FLOPs per cost entry per iteration for
+bounded at `terms.ot.max_iterations` (6 FLOPs per cost entry per iteration for
 the two log-sum-exp updates). XLA's own count of the compiled step is
 printed next to it (it includes remat's recomputed forward; with scanned
 stacks it counts each stack's body once). For a VLM the model FLOPs are
@@ -313,6 +313,11 @@ def max_batch(config, topology_name: str, start: int, hbm_gib: float = 0.0,
 
 def main(argv):
   del argv
+  # Library logs (absl INFO) to log.txt beside --json (workdir/aot without
+  # one); the report and warnings stay on the terminal.
+  from evl_ecg_jax import console  # pylint: disable=g-import-not-at-top
+  console.quiet(os.path.dirname(os.path.abspath(_JSON.value)) if _JSON.value
+                else os.path.join("workdir", "aot"))
   if _MAX_BATCH.value:
     start = _BATCH.value or _CONFIG.value.data.batch_size
     found = max_batch(_CONFIG.value, _TOPOLOGY.value, start, _HBM.value,
