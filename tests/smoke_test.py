@@ -167,7 +167,10 @@ def test_heterogeneous_students_distil(teacher_dir, tfds_dir, tmp_path,
                  {"tinybert0", "tinybert1", "tinybert2"}, marks=_SLOW),
     pytest.param("rkd", {"rkd"}, None, marks=_SLOW),
     pytest.param("dkd", {"dkd"}, None, marks=_SLOW),
-    pytest.param("uld", {"uld"}, None, marks=_SLOW)])
+    pytest.param("uld", {"uld"}, None, marks=_SLOW),
+    pytest.param("crd", {"crd"}, {"crd_student", "crd_teacher"},
+                 marks=_SLOW),
+    pytest.param("dist", {"dist"}, None, marks=_SLOW)])
 def test_baselines_train_through_the_same_step(teacher_dir, tfds_dir, tmp_path,
                                                variant, terms, heads):
   # The labels protocol rides along: a quarter of the records keep labels.
