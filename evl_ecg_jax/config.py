@@ -159,14 +159,15 @@ def _check_schedule(config: ml_collections.ConfigDict) -> None:
            "'validation/macro_auc'")
 
 
-def objective(config: ml_collections.ConfigDict):
-  """The objective of config.loss at its α (losses.build_objective: every
-  term's checks, in one place); ConfigError naming the field."""
+def objective(config: ml_collections.ConfigDict, alpha=None):
+  """The objective of config.loss at `alpha` (None: config.loss.alpha)
+  (losses.build_objective: every term's checks, in one place); ConfigError
+  naming the field."""
   loss = config.loss
   try:
-    return losses.build_objective(alpha=loss.alpha, terms=loss.terms,
-                                  taps=loss.taps,
-                                  shuffle_teacher=loss.shuffle_teacher)
+    return losses.build_objective(
+        alpha=loss.alpha if alpha is None else alpha, terms=loss.terms,
+        taps=loss.taps, shuffle_teacher=loss.shuffle_teacher)
   except ValueError as e:
     raise ConfigError(str(e)) from None
 

@@ -167,10 +167,14 @@ def distances_and_cosines(x, eps=1e-8):
   return dist, gram * inv[..., :, None] * inv[..., None, :]
 
 
+def unit_rows(x, eps=1e-8):
+  """x / ‖x‖ along the last axis, finite (with a finite gradient) at 0."""
+  return x / jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps**2)
+
+
 def cosine_matrix(x, eps=1e-8):
   """Cosine similarities [..., N, N] between the rows of x [..., N, D]."""
-  norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps**2)
-  unit = x / norm
+  unit = unit_rows(x, eps)
   return jnp.einsum("...id,...jd->...ij", unit, unit)
 
 

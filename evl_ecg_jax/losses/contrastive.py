@@ -42,9 +42,7 @@ def crd_loss(teacher_emb, student_emb, *, temperature, axis_name=None):
   if t.ndim != 2 or t.shape != s.shape:
     raise ValueError(f"crd_loss: teacher {t.shape} and student {s.shape} must "
                      "both be [B, D] (project them to one width).")
-  unit = lambda x: x * jax.lax.rsqrt(jnp.maximum(
-      jnp.sum(x * x, axis=-1, keepdims=True), 1e-16))
-  t, s = unit(t), unit(s)
+  t, s = _ops.unit_rows(t), _ops.unit_rows(s)
   own = _ops.own_rows(axis_name, t.shape[0])
   all_t, all_s = (_ops.global_rows(x, axis_name) for x in (t, s))
   rows = jnp.arange(t.shape[0])

@@ -158,14 +158,11 @@ def uld_loss(teacher_logits, student_logits, *, temperature=1.0,
   return _ops.masked_mean(per_example, pairs > 0, axis_name=axis_name)
 
 
-def _pearson_distance(x, y, eps=1e-8):
-  """1 − Pearson correlation of each row of x and y [R, K]: [R]."""
-  x, y = x - jnp.mean(x, -1, keepdims=True), y - jnp.mean(y, -1,
-                                                           keepdims=True)
-  # sqrt of the clamped product: finite gradients where a row is constant.
-  norms = jnp.sqrt(jnp.maximum(jnp.sum(x * x, -1) * jnp.sum(y * y, -1),
-                               eps**2))
-  return 1.0 - jnp.sum(x * y, axis=-1) / norms
+def _pearson_distance(x, y):
+  """1 − Pearson correlation of each row of x and y [R, K]: [R] (the cosine
+  of the centred rows; a constant row correlates 0)."""
+  centred = lambda z: _ops.unit_rows(z - jnp.mean(z, -1, keepdims=True))
+  return 1.0 - jnp.sum(centred(x) * centred(y), axis=-1)
 
 
 def dist_loss(teacher_logits, student_logits, *, inter_weight, intra_weight,

@@ -96,13 +96,12 @@ class Objective:
 
   @property
   def heads(self) -> Optional[DistillHeads]:
-    """The learned heads of the parts (None when no part has one)."""
-    aligner = self.part("mhca")
-    aligner = aligner if any(p.needs_aligner() for p in self.parts) else None
-    probe = DistillHeads(self.parts, tuple(self.taps.items()), aligner)
-    return probe if aligner is not None or any(
-        type(p).heads is not terms_lib.Term.heads for p in self.parts
-    ) else None
+    """The learned heads of the parts (None when no part has one). The
+    MHCA part is on exactly when a part reads its aligner (`build`)."""
+    if all(type(p).heads is terms_lib.Term.heads for p in self.parts):
+      return None
+    return DistillHeads(self.parts, tuple(self.taps.items()),
+                        self.part("mhca"))
 
   def model_taps(self, role: str) -> tuple[str, ...]:
     """Feature taps this objective reads from `role` ("student"/"teacher"):
@@ -124,18 +123,20 @@ class Objective:
     return jax.jit(heads.init)(rng, student_feats, teacher_feats)["params"]
 
   def _view(self, head_params, student_out, teacher_out, masks, axis_name,
-            labels=None, label_mask=None):
-    """The parts' `terms_lib.View` (teacher side stop-gradient and rolled)."""
+            labels=None, label_mask=None, mutable=()):
+    """(the parts' `terms_lib.View`, the heads' `mutable` collections):
+    the teacher side stop-gradient and rolled, the heads applied."""
     teacher_out = jax.lax.stop_gradient(teacher_out)
     teacher_out, masks = self._teacher_view(teacher_out, masks or {},
                                             axis_name)
-    heads = self.heads
-    head = {} if heads is None else heads.apply(
-        {"params": head_params}, student_out[1], teacher_out[1], masks)
+    heads, head, state = self.heads, {}, {}
+    if heads is not None:
+      head, state = heads.apply({"params": head_params}, student_out[1],
+                                teacher_out[1], masks, mutable=list(mutable))
     return terms_lib.View(student=student_out, teacher=teacher_out,
                           head=head, masks=masks, taps=self.taps,
                           labels=labels, label_mask=label_mask,
-                          axis_name=axis_name)
+                          axis_name=axis_name), state
 
   def distill_terms(self, head_params, student_out, teacher_out, labels=None,
                     label_mask=None, masks=None, *, axis_name=None):
@@ -148,8 +149,8 @@ class Objective:
     of a per-device step (None: the call sees the whole batch); every term
     is the global batch's (losses/_ops.py, docs/scale.md).
     """
-    view = self._view(head_params, student_out, teacher_out, masks,
-                      axis_name, labels, label_mask)
+    view, _ = self._view(head_params, student_out, teacher_out, masks,
+                         axis_name, labels, label_mask)
     out = {}
     for part in self.parts:
       out.update(part.losses(view))
@@ -173,19 +174,14 @@ class Objective:
     the aligner is on and {"ot_plans": [B, N, M], "ot_iterations": [B]
     (Sinkhorn's, teacher-to-student)} when L_ot is.
     """
-    heads = self.heads
-    if heads is None:
+    if self.heads is None:
       return {}
-    student_out = jax.lax.stop_gradient(student_out)
-    teacher_out = jax.lax.stop_gradient(teacher_out)
-    t_out, masks = self._teacher_view(teacher_out, masks or {})
-    head, inter = heads.apply({"params": head_params}, student_out[1],
-                              t_out[1], masks, mutable=["intermediates"])
-    view = terms_lib.View(student=student_out, teacher=t_out, head=head,
-                          masks=masks, taps=self.taps)
+    view, inter = self._view(head_params, jax.lax.stop_gradient(student_out),
+                             teacher_out, masks, None,
+                             mutable=("intermediates",))
     out = {}
-    if "aligned" in head:
-      out["aligned"] = head["aligned"]
+    if "aligned" in view.head:
+      out["aligned"] = view.head["aligned"]
       out["attention"] = inter["intermediates"]["aligner"]["align"][
           "attention_weights"][0]
     if self.part("ot") is not None:

@@ -44,14 +44,8 @@ def objective(config) -> losses.Objective:
   """The run's objective from config.loss: only distillation has a teacher;
   a teacher itself (and a task-only student) trains on the task loss (α =
   0). ConfigError naming the field for a term setting that cannot work."""
-  loss = config.loss
-  try:
-    return losses.build_objective(
-        alpha=loss.alpha if uses_teacher(config) else 0.0,
-        terms=loss.terms, taps=loss.taps,
-        shuffle_teacher=loss.shuffle_teacher)
-  except ValueError as e:
-    raise config_lib.ConfigError(str(e)) from None
+  return config_lib.objective(
+      config, alpha=config.loss.alpha if uses_teacher(config) else 0.0)
 
 
 def build_models(config, objective, input_shape):

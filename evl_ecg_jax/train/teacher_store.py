@@ -154,8 +154,12 @@ def _shard_dir(root, index):
 
 def write(config, teacher, teacher_params, taps, root, spec, *,
           process_index=0, process_count=1) -> None:
-  """Writes this process's missing shards of the store at `root`."""
+  """Writes this process's missing shards of the store at `root` (reads
+  the split only when one is missing)."""
   _write_manifest(root, spec)
+  if all(os.path.isdir(_shard_dir(root, i))
+         for i in range(process_index, _shards(spec), process_count)):
+    return
   predict = _predictor(teacher, tuple(taps))
   n_dev = jax.local_device_count()
   pending, current = {}, None
