@@ -208,6 +208,15 @@ def _model_configs(arg, rate):
       # under teacher.init/teacher_store (train/teacher_store.py) instead of
       # running it every step; refused with augmentations on.
       cache_features=False,
+      # A foreign teacher instead of teacher.init: an .onnx file and its
+      # JSON spec (input rate, samples, leads, units; outputs; class map;
+      # docs/teachers.md). Its outputs always come from the store.
+      onnx="",
+      onnx_spec="",
+      # The store's logits and features: float32, or float16 (half the
+      # size; docs/teachers.md bounds the change of the KD loss).
+      store_dtype="float32",
+      store_dir="",  # "": teacher.init/ (or the .onnx's folder/) teacher_store
       **model_block("teacher", arg.teacher, teacher_size, arg.teacher_leads))
   student = model_block("student", arg.model, arg.student_size or arg.size,
                         arg.student_leads)

@@ -119,19 +119,38 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int,
              config.teacher.cache_features, f"False with parallel="
              f"{config.parallel!r} (the "
              "cache is written by a pmapped, replicated teacher)")
+    require(not config.teacher.get("onnx"), "teacher.onnx",
+             config.teacher.get("onnx"), f"'' with parallel="
+             f"{config.parallel!r} (a foreign teacher's store is read by the "
+             "pmapped step; parallel='pmap')")
   require(0.0 <= config.loss.alpha <= 1.0, "loss.alpha", config.loss.alpha,
            "α in [0, 1]")
   check_cross_record(config)  # builds the objective: every term's checks
   _check_schedule(config)
   if config.mode == "distill" and config.loss.alpha > 0:
-    init = config.teacher.init
-    require(bool(init), "teacher.init", init,
-             "the workdir of a finished train_teacher run (α > 0 needs a "
-             "teacher)")
-    require(has_checkpoint is None or has_checkpoint(init), "teacher.init",
-             init, "a workdir holding a teacher checkpoint (written by "
-             "--config.mode=train_teacher); none found at "
-             f"{os.path.abspath(os.path.expanduser(init))}")
+    if config.teacher.get("onnx"):
+      _check_foreign(config.teacher)
+    else:
+      init = config.teacher.init
+      require(bool(init), "teacher.init", init,
+               "the workdir of a finished train_teacher run (α > 0 needs a "
+               "teacher), or teacher.onnx and teacher.onnx_spec")
+      require(has_checkpoint is None or has_checkpoint(init),
+               "teacher.init", init, "a workdir holding a teacher checkpoint "
+               "(written by --config.mode=train_teacher); none found at "
+               f"{os.path.abspath(os.path.expanduser(init))}")
+
+
+def _check_foreign(teacher) -> None:
+  """teacher.onnx with its spec, and not beside a JAX teacher."""
+  for field in ("onnx", "onnx_spec"):
+    path = os.path.expanduser(teacher[field])
+    require(bool(path) and os.path.isfile(path), f"teacher.{field}",
+             teacher[field], "an existing file (an ONNX teacher needs the "
+             ".onnx graph and its JSON spec, docs/teachers.md)")
+  require(not teacher.init, "teacher.init", teacher.init,
+           "'' with teacher.onnx set (one teacher: the JAX checkpoint or the "
+           "ONNX graph)")
 
 
 def _check_schedule(config: ml_collections.ConfigDict) -> None:

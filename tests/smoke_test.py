@@ -221,7 +221,9 @@ def test_cached_teacher_gives_the_online_result(teacher_dir, tfds_dir,
                    **{"teacher.init": teacher_dir})
   teacher = models.get(config.teacher, 5)
   teacher_params = checkpoint.load_params(teacher_dir)["model"]
-  spec = teacher_store.manifest(config, teacher, teacher_params, ("tokens",))
+  source = teacher_store.jax_source(config, teacher, teacher_params,
+                                    ("tokens",))
+  spec = teacher_store.manifest(config, source)
   rows = teacher_store.load(root, spec)
   src = pipeline.source(config.data, "train")
   picks = [0, 5, len(src) - 1]
@@ -237,8 +239,7 @@ def test_cached_teacher_gives_the_online_result(teacher_dir, tfds_dir,
   # A later run finds the complete store and writes nothing.
   before = {n: os.path.getmtime(os.path.join(root, n))
             for n in os.listdir(root)}
-  teacher_store.write(config, teacher, teacher_params, ("tokens",), root,
-                      spec)
+  teacher_store.write(config, source, root, spec)
   assert before == {n: os.path.getmtime(os.path.join(root, n))
                     for n in os.listdir(root)}
   with pytest.raises(config_lib.ConfigError, match="cache_features=True "

@@ -215,10 +215,11 @@ def train_iterator(data_cfg, *, process_index=0, process_count=1,
   return iter(ds)
 
 
-def _records(data_cfg, split: str):
-  """The split's records in order, preprocessed (a grain MapDataset)."""
-  return _preprocessed(grain.MapDataset.source(source(data_cfg, split))
-                       .map(_select), data_cfg)
+def _records(data_cfg, split: str, raw: bool = False):
+  """The split's records in order, preprocessed unless `raw` (a grain
+  MapDataset)."""
+  ds = grain.MapDataset.source(source(data_cfg, split)).map(_select)
+  return ds if raw else _preprocessed(ds, data_cfg)
 
 
 def _stack(records) -> dict:
@@ -256,9 +257,12 @@ def _pad(batch, size: int):
   return out
 
 
-def eval_batches(data_cfg, split: str, *, process_index=0, process_count=1):
-  """Yields every example of this process's shard once, in padded batches."""
+def eval_batches(data_cfg, split: str, *, process_index=0, process_count=1,
+                 raw=False):
+  """Yields every example of this process's shard once, in padded batches
+  (`raw`: the records as stored, without config.data.transforms)."""
   batch = host_batch_size(data_cfg.eval_batch_size, process_count)
-  ds = _records(data_cfg, split)[process_index::process_count].batch(batch)
+  ds = _records(data_cfg, split, raw)[process_index::process_count].batch(
+      batch)
   for b in ds:
     yield _pad(b, batch)

@@ -85,6 +85,25 @@ def _metadata(trained, shape, options) -> dict:
   }
 
 
+def teacher_spec(trained, shape) -> dict | None:
+  """The graph as a foreign teacher (evl_ecg_jax/teachers/spec.py): the
+  stored records' leads and units, the run's preprocessing, its sigmoid
+  probabilities over the dataset's classes. None when the model reads
+  other than the 12 stored leads."""
+  data, (samples, leads) = trained.config.data, shape
+  if leads != len(layers.LEADS):
+    return None
+  prep = data.transforms
+  return {"input": {"name": graph.INPUT, "layout": "batch,samples,leads",
+                    "sampling_rate_hz": prep.resample_hz or data.sampling_rate,
+                    "samples": samples, "leads": list(layers.LEADS),
+                    "units": "mV", "bandpass_hz": list(prep.bandpass_hz),
+                    "standardize": bool(prep.standardize)},
+          "outputs": {graph.OUTPUT: {"kind": "probabilities",
+                                     "activation": "sigmoid"}},
+          "classes": list(data.class_names)}
+
+
 def _variants(trained, shape, options, calibration
               ) -> dict[str, onnx.ModelProto]:
   float32 = graph.convert(trained.probabilities(), shape,
@@ -103,8 +122,9 @@ def export(workdir: str, out_dir: str | None = None,
            options: Options = Options()) -> dict:
   """Exports the run in `workdir` to `out_dir` (default <workdir>/export).
 
-  Writes model_<precision>.onnx and export.json (metadata, files, sizes,
-  parity on `options.split` with each bound); returns export.json's dict.
+  Writes model_<precision>.onnx, export.json (metadata, files, sizes,
+  parity on `options.split` with each bound) and teacher_spec.json (the
+  graphs as a foreign teacher, `teacher_spec`); returns export.json's dict.
   """
   options.check()
   trained = trained_lib.load(workdir, options.checkpoint, data_overrides={
@@ -146,6 +166,10 @@ def export(workdir: str, out_dir: str | None = None,
           "bound": parity.check(precision, measures)}
     with open(os.path.join(tmp, "export.json"), "w") as f:
       json.dump(report, f, indent=2)
+    spec = teacher_spec(trained, shape)
+    if spec is not None:  # read back as a teacher: docs/teachers.md
+      with open(os.path.join(tmp, "teacher_spec.json"), "w") as f:
+        json.dump(spec, f, indent=1)
     _replace(tmp, out_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

@@ -24,7 +24,8 @@ from evl_ecg_jax.models.xresnet1d import XResNet1D
 MODELS = {"vit1d": ViT1D, "cnn1d": CNN1D, "xresnet1d": XResNet1D,
           "convnext1d": ConvNeXt1D}
 # Config keys of a model block that are not module fields.
-_NOT_FIELDS = ("name", "init", "frozen_param_dtype", "cache_features")
+_NOT_FIELDS = ("name", "init", "frozen_param_dtype", "cache_features",
+               "onnx", "onnx_spec", "store_dtype", "store_dir")
 
 
 def get(model_cfg: Mapping[str, Any], num_classes: int, *,

@@ -40,6 +40,13 @@ def uses_teacher(config) -> bool:
   return config.mode == "distill" and config.loss.alpha > 0
 
 
+def stored_teacher(config) -> bool:
+  """Whether the distillation reads its teacher's outputs from the store
+  (train/teacher_store.py): cached by request, or a foreign teacher."""
+  return uses_teacher(config) and bool(config.teacher.cache_features
+                                       or config.teacher.onnx)
+
+
 def objective(config) -> losses.Objective:
   """The run's objective from config.loss: only distillation has a teacher;
   a teacher itself (and a task-only student) trains on the task loss (α =
@@ -48,11 +55,34 @@ def objective(config) -> losses.Objective:
       config, alpha=config.loss.alpha if uses_teacher(config) else 0.0)
 
 
-def build_models(config, objective, input_shape):
+def foreign_teacher(config):
+  """The store source (train/teacher_store.Source) of the ONNX teacher a
+  distillation run names (config.teacher.onnx), else None; ConfigError
+  naming the spec field for a spec or graph that does not fit."""
+  if not (uses_teacher(config) and config.teacher.onnx):
+    return None
+  from evl_ecg_jax.teachers import onnx_teacher  # pylint: disable=g-import-not-at-top
+  try:
+    return onnx_teacher.source(config)
+  except onnx_teacher.SpecError as e:
+    raise config_lib.ConfigError(str(e)) from None
+
+
+def teacher_feature_shapes(foreign, batch: int = 1):
+  """{tap: ShapeDtypeStruct [batch, ...]} of a foreign teacher's stored
+  features (what the learned heads are initialised on)."""
+  return {tap: jax.ShapeDtypeStruct((batch, *shape), jnp.float32)
+          for tap, shape in foreign.outputs.items() if tap != "logits"}
+
+
+def build_models(config, objective, input_shape, foreign=None):
   """(trained module, teacher module or None), checked against the config.
 
-  Raises ConfigError naming the field: a bad model block, or a feature tap
-  of `config.loss` that the model does not have (with the ones it has).
+  `foreign`: the store source of an ONNX teacher (`foreign_teacher`): no
+  teacher module is built, and the objective's teacher taps must be among
+  its stored features. Raises ConfigError naming the field: a bad model
+  block, or a feature tap of `config.loss` that the model (or the foreign
+  teacher) does not have (with the ones it has).
   """
   num_classes = len(config.data.class_names)
   built = {}
@@ -62,8 +92,11 @@ def build_models(config, objective, input_shape):
     except ValueError as e:
       raise config_lib.ConfigError(str(e)) from None
   model = built[trained_block(config)]
-  teacher = built["teacher"] if uses_teacher(config) else None
+  teacher = built["teacher"] if uses_teacher(config) and not foreign else None
   shapes = {}
+  if foreign is not None:
+    shapes["teacher"] = {t: s.shape for t, s in
+                         teacher_feature_shapes(foreign).items()}
   for role, module in (("student", model), ("teacher", teacher)):
     if module is None:
       continue
@@ -74,12 +107,30 @@ def build_models(config, objective, input_shape):
       raise config_lib.ConfigError(
           f"config.{block} ({config[block].name}) does not build on inputs "
           f"{tuple(input_shape)}: {e}") from None
-  if teacher is not None:
+  if uses_teacher(config):
+    if foreign is not None:
+      _check_foreign_taps(config, objective, shapes["teacher"])
     for role in ("student", "teacher"):
       for tap in objective.model_taps(role):
         _check_tap(config, role, tap, shapes[role])
     _check_widths(objective, shapes)
   return model, teacher
+
+
+def _check_foreign_taps(config, objective, stored):
+  """Each term's teacher taps must be features the ONNX teacher exports."""
+  for part in objective.parts:
+    taps = [objective.taps[f"teacher_{k}"] for k in part.kinds()]
+    taps += list(part.layer_taps("teacher", objective.taps))
+    missing = [t for t in taps if t not in stored]
+    if missing:
+      raise config_lib.ConfigError(
+          f"config.loss.terms.{part.name} reads the teacher's tap "
+          f"{missing[0]!r}; the ONNX teacher (config.teacher.onnx_spec="
+          f"{config.teacher.onnx_spec}) exports the features "
+          f"{sorted(stored)}. Add it to the spec's outputs (kind "
+          "'features', tap {missing[0]!r}) or turn the term off "
+          f"(terms.{part.name}.weight=0).")
 
 
 def _check_tap(config, role, tap, shapes):
@@ -119,7 +170,8 @@ def _check_widths(objective, shapes):
 
 
 def state_initializer(model, tx, config, example, objective=None,
-                      teacher=None, task=step_lib.SignalTask):
+                      teacher=None, task=step_lib.SignalTask,
+                      teacher_feats=None):
   """rng -> TrainState with logically partitioned (boxed) params.
 
   `example`: an ECG batch [1, T, L], or a batch dict that `task.inputs`
@@ -127,12 +179,15 @@ def state_initializer(model, tx, config, example, objective=None,
   {"heads": ...} when the objective has learned heads (MHCA aligner, OT
   projection), initialised on the shapes of the feature taps they read from
   the student and the teacher. The runner (train/runner.py) derives the
-  shardings from the boxes, then unboxes.
+  shardings from the boxes, then unboxes. `teacher_feats`: the teacher's
+  feature shapes when there is no teacher module (a foreign teacher's
+  store).
   """
   batch = example if isinstance(example, dict) else {"ecg": example}
   s_args, s_kwargs = task.inputs(batch, "student")
-  t_feats = None
-  if objective is not None and objective.heads is not None:
+  t_feats = teacher_feats
+  if (t_feats is None and objective is not None
+      and objective.heads is not None):
     t_args, t_kwargs = task.inputs(batch, "teacher")
     t_feats = jax.eval_shape(lambda a: teacher.init_with_output(
         jax.random.PRNGKey(0), *a, taps=objective.model_taps("teacher"),
@@ -141,7 +196,7 @@ def state_initializer(model, tx, config, example, objective=None,
   def init(rng):
     params_rng, state_rng = jax.random.split(rng)
     params = {"model": model.init(params_rng, *s_args, **s_kwargs)["params"]}
-    if t_feats is not None:
+    if t_feats is not None and objective.heads is not None:
       _, s_feats = model.apply({"params": nn.meta.unbox(params["model"])},
                                *s_args, taps=objective.model_taps("student"),
                                **s_kwargs)
@@ -167,14 +222,14 @@ def load_teacher_params(config, run, teacher_abstract):
 
 
 def step_parts(config, model, teacher, objective, example,
-               task=step_lib.SignalTask):
+               task=step_lib.SignalTask, teacher_feats=None):
   """(init, step_fn, teacher_abstract): the state initializer, the
   per-device step (`step_fn(state, teacher_params, batch, axis_name)`) and
   the frozen teacher's boxed abstract variables in
   `config.teacher.frozen_param_dtype` (None without a teacher), for an
   `example` batch (an ECG [1, T, L] or a dict `task.inputs` reads). The
   signal and VLM fits and the ahead-of-time compile (evl_ecg_jax/aot.py)
-  all build from it."""
+  all build from it. `teacher_feats`: see `state_initializer`."""
   teacher_abstract = None
   if teacher is not None:
     args, kwargs = task.inputs(
@@ -186,7 +241,7 @@ def step_parts(config, model, teacher, objective, example,
                        jax.random.PRNGKey(0), *args))
   tx = optim.make(config.optim, config.total_steps)
   init = state_initializer(model, tx, config, example, objective, teacher,
-                           task)
+                           task, teacher_feats)
   step_fn = functools.partial(
       step_lib.train_step, model=model, teacher=teacher, objective=objective,
       tx=tx, accum_steps=config.grad_accum_steps, task=task)

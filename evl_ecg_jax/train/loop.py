@@ -81,7 +81,7 @@ def run_mode(config, workdir, run, spec: RunSpec) -> dict:
   if config.mode == "evaluate":
     params = spec.load()
   else:
-    if spec.teacher is not None and config.eval.diagnostics:
+    if spec.objective.alpha > 0 and config.eval.diagnostics:
       monitor = diagnostics.Monitor(run, model=spec.model,
                                     teacher=spec.teacher,
                                     objective=spec.objective, task=spec.task)
@@ -101,8 +101,10 @@ def fit(config, workdir: str) -> dict:
   run, workdir = build.prepare(config, workdir)
   objective = build.objective(config)
   example = jnp.asarray(pipeline.example(config.data)["ecg"][None])
-  model, teacher = build.build_models(config, objective, example.shape)
-  if teacher is not None and config.teacher.cache_features:
+  foreign = build.foreign_teacher(config)
+  model, teacher = build.build_models(config, objective, example.shape,
+                                      foreign)
+  if build.stored_teacher(config):
     try:
       teacher_store.check(config)
     except ValueError as e:
@@ -130,26 +132,34 @@ def fit(config, workdir: str) -> dict:
           checkpoint.load_params(workdir, config.eval.checkpoint)["model"],
           models.abstract_variables(model, example.shape))},
       train=lambda monitor: _train(config, workdir, run, model, teacher,
-                                   objective, example, predict, monitor),
+                                   foreign, objective, example, predict,
+                                   monitor),
       evaluate=evaluate))
 
 
-def _train(config, workdir, run, model, teacher, objective, example,
-           predict, monitor):
-  """Trains `model` (distilled from `teacher` if not None); returns params."""
-  init, step_fn, teacher_abstract = build.step_parts(config, model, teacher,
-                                                     objective, example)
-  teacher_params = cached = None
+def _train(config, workdir, run, model, teacher, foreign, objective,
+           example, predict, monitor):
+  """Trains `model`, distilled from `teacher` (or the `foreign` teacher's
+  store) if there is one; returns params."""
+  taps = objective.model_taps("teacher")
+  feats = None if foreign is None else {
+      t: s for t, s in build.teacher_feature_shapes(foreign).items()
+      if t in taps}
+  init, step_fn, teacher_abstract = build.step_parts(
+      config, model, teacher, objective, example, teacher_feats=feats)
+  teacher_params = stored = None
   if teacher is not None:
     teacher_params = build.load_teacher_params(config, run, teacher_abstract)
-  if teacher is not None and config.teacher.cache_features:
-    cached = teacher_store.build_or_load(
-        config, teacher, teacher_params, objective.model_taps("teacher"))
+  if build.stored_teacher(config):
+    stored = teacher_store.build_or_load(config, foreign or (
+        teacher_store.jax_source(config, teacher, teacher_params, taps)))
+    stored = {k: v for k, v in stored.items() if k == "id" or k in {
+        teacher_store.PREFIX + t for t in ("logits", *taps)}}
   return trainer.train(config, workdir, run, trainer.TrainSpec(
       init=init, step_fn=step_fn,
       batches=pipeline.train_iterator(
           config.data, process_index=jax.process_index(),
-          process_count=jax.process_count(), per_record=cached),
+          process_count=jax.process_count(), per_record=stored),
       validate=lambda params: evaluate_lib.evaluate(
           predict, params, config.data, config.eval.splits[:1]),
       teacher_params=teacher_params, teacher_abstract=teacher_abstract,

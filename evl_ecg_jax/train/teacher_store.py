@@ -2,23 +2,26 @@
 split, written once, sharded by record.
 
 A distillation sweep runs the same frozen teacher over the same records in
-every run. With `config.teacher.cache_features`, its logits and the feature
-taps the objective reads are written once per (teacher, data,
-preprocessing, taps) under the teacher's workdir:
+every run. Its logits and the feature taps the objective reads are written
+once per (teacher, data, preprocessing, taps), for the project's own
+teacher with `config.teacher.cache_features` (under its workdir), for a
+foreign one (`config.teacher.onnx`, evl_ecg_jax/teachers) always (beside
+the .onnx file; `config.teacher.store_dir` moves either):
 
   teacher_store/<key>/manifest.json   what the store holds (below)
   teacher_store/<key>/shard-00000/    ids.npy, logits.npy, <tap>.npy: the
                                       rows of SHARD_BATCHES eval batches
 
-The manifest names the teacher (its model block and a sha256 of its
-params), the data and preprocessing (TFDS name, split, sampling rate,
-transforms), the taps with their shapes and dtypes, and the logit format
-(full, float32). Each shard is written to a temporary folder and renamed
-into place, so a shard is there whole or not at all: an interrupted write
-resumes with the missing shards, and process p of P writes the shards
-i ≡ p (mod P) (every process then reads them all). The training pipeline
-joins each record's rows to its example, checking the record id, and the
-train step skips the teacher forward.
+The manifest names the teacher (its model block or ONNX spec, and a sha256
+of its weights), the data and preprocessing (TFDS name, split, sampling
+rate, class names, transforms), the outputs with their shapes and dtypes,
+and the logit format (full, float32 or float16: config.teacher.store_dtype).
+Each shard is written to a temporary folder and renamed into place, so a
+shard is there whole or not at all: an interrupted write resumes with the
+missing shards, and process p of P writes the shards i ≡ p (mod P) (every
+process then reads them all). The training pipeline joins each record's
+rows to its example, checking the record id, and the train step skips the
+teacher forward.
 
 Augmentations change the input the teacher would see, so a stored teacher
 would be answering for another signal: the store with augmentations on is
@@ -28,15 +31,19 @@ teacher, exactly as in training).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
+from typing import Callable
 
-from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 from evl_ecg_jax import parallel
 from evl_ecg_jax.data import pipeline
@@ -44,18 +51,48 @@ from evl_ecg_jax.data import transforms
 
 PREFIX = "teacher/"
 SHARD_BATCHES = 16  # eval batches (data.eval_batch_size records) a shard
-FORMAT = 1
+FORMAT = 2
+# config.teacher.store_dtype: float32, or a 16-bit float that halves the
+# store (logits and features alike; docs/teachers.md gives the KD error).
+DTYPES = ("float32", "float16")
 
 
-def check(config) -> None:
-  """Raises ValueError naming the field when storing cannot be honest."""
-  if transforms.make_augment(config.data.transforms,
-                             config.data.sampling_rate) is not None:
-    raise ValueError(
-        "config.teacher.cache_features=True with training augmentations on "
-        "(config.data.transforms: scale / baseline_wander / noise_std / "
-        "lead_dropout): the stored teacher would answer for the "
-        "un-augmented signal. Turn one of them off.")
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """A frozen teacher as the store sees it.
+
+  Attributes:
+    identity: the manifest's teacher block (JSON values): what the teacher
+      is and a checksum of its weights.
+    outputs: {name: per-record shape}: "logits" [C] (over
+      config.data.class_names) and the feature taps.
+    predict: host ECGs [B, T, L] -> {name: host array [B, ...]}.
+    raw: True: the teacher reads the stored records and does its own
+      preprocessing (an ONNX teacher's spec); False: it reads them after
+      config.data.transforms, as the student does.
+  """
+  identity: dict
+  outputs: dict
+  predict: Callable
+  raw: bool = False
+
+
+def jax_source(config, teacher, teacher_params, taps) -> Source:
+  """The project's own frozen teacher, pmapped over the local devices: its
+  logits and the feature taps `taps` of config.data.transforms' output."""
+  block = {k: v for k, v in config.teacher.to_dict().items()
+           if k not in ("init", "cache_features", "onnx", "onnx_spec",
+                        "store_dtype")}
+  example = np.asarray(pipeline.example(config.data)["ecg"])[None]
+  fn = _predictor(teacher, tuple(taps))
+  shapes = jax.eval_shape(fn, teacher_params, {"ecg": example})
+  p_fn = parallel.pmap_predict(fn)
+  n_dev = jax.local_device_count()
+  return Source(
+      identity=dict(model=block, params_sha256=_digest(teacher_params)),
+      outputs={n: list(x.shape[1:]) for n, x in shapes.items()},
+      predict=lambda ecg: {k: parallel.merge_outputs(v) for k, v in p_fn(
+          teacher_params, parallel.split_batch({"ecg": ecg}, n_dev)).items()})
 
 
 def _digest(params) -> str:
@@ -68,25 +105,43 @@ def _digest(params) -> str:
   return h.hexdigest()
 
 
-def manifest(config, teacher, teacher_params, taps) -> dict:
+def check(config) -> None:
+  """Raises ValueError naming the field when storing cannot be honest."""
+  if transforms.make_augment(config.data.transforms,
+                             config.data.sampling_rate) is not None:
+    raise ValueError(
+        "config.teacher.cache_features=True with training augmentations on "
+        "(config.data.transforms: scale / baseline_wander / noise_std / "
+        "lead_dropout): the stored teacher would answer for the "
+        "un-augmented signal. Turn one of them off.")
+  if config.teacher.store_dtype not in DTYPES:
+    raise ValueError(f"config.teacher.store_dtype="
+                     f"{config.teacher.store_dtype!r}: expected one of "
+                     f"{DTYPES}.")
+def manifest(config, source: Source) -> dict:
   """What the store of this run holds: teacher, data, preprocessing, the
   outputs' per-record shapes and dtypes, the logit format, the sharding."""
-  block = {k: v for k, v in config.teacher.to_dict().items()
-           if k not in ("init", "cache_features")}
+  dtype = config.teacher.store_dtype
   data = {k: config.data[k] for k in ("tfds_name", "sampling_rate",
                                       "eval_batch_size")}
   data.update(split=config.data.splits["train"],
-              transforms=config.data.transforms.to_dict(),
-              records=len(pipeline.source(config.data, "train")))
-  example = np.asarray(pipeline.example(config.data)["ecg"])[None]
-  shapes = jax.eval_shape(_predictor(teacher, tuple(taps), pmapped=False),
-                          teacher_params, {"ecg": example})
-  outputs = {n: [list(x.shape[1:]), "float32"] for n, x in shapes.items()}
+              records=len(pipeline.source(config.data, "train")),
+              class_names=list(config.data.class_names))
+  data["transforms"] = ("none (the teacher's own preprocessing)" if source.raw
+                        else config.data.transforms.to_dict())
   return json.loads(json.dumps(dict(
-      format=FORMAT, teacher=dict(model=block,
-                                  params_sha256=_digest(teacher_params)),
-      data=data, taps=list(taps), outputs=outputs, logits="full float32",
-      shard_batches=SHARD_BATCHES), default=str))
+      format=FORMAT, teacher=source.identity, data=data,
+      outputs={n: [list(shape), dtype] for n, shape in source.outputs.items()},
+      logits=f"full {dtype}", shard_batches=SHARD_BATCHES), default=str))
+
+
+def root_of(config) -> str:
+  """Where the run's stores live: config.teacher.store_dir, else beside
+  the teacher (<teacher.init>/teacher_store, or the ONNX file's folder)."""
+  t = config.teacher
+  base = t.store_dir or os.path.join(
+      os.path.dirname(t.onnx) if t.onnx else t.init, "teacher_store")
+  return os.path.abspath(os.path.expanduser(base))
 
 
 def _shards(spec) -> int:
@@ -95,20 +150,19 @@ def _shards(spec) -> int:
   return -(-batches // spec["shard_batches"])
 
 
-def _key(spec) -> str:
+def key(spec) -> str:
+  """The store folder of a manifest: a hash of it."""
   return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()
                         ).hexdigest()[:16]
 
 
-def build_or_load(config, teacher, teacher_params, taps) -> dict:
+def build_or_load(config, source: Source) -> dict:
   """{"teacher/logits": rows [N, C], "teacher/<tap>": rows [N, ...],
   "id": [N]} of the training split, in its record order: written on first
   use (this process's shards), then read."""
-  spec = manifest(config, teacher, teacher_params, taps)
-  root = os.path.join(os.path.abspath(os.path.expanduser(
-      config.teacher.init)), "teacher_store", _key(spec))
-  write(config, teacher, teacher_params, taps, root, spec,
-        process_index=jax.process_index(),
+  spec = manifest(config, source)
+  root = os.path.join(root_of(config), key(spec))
+  write(config, source, root, spec, process_index=jax.process_index(),
         process_count=jax.process_count())
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -152,45 +206,45 @@ def _shard_dir(root, index):
   return os.path.join(root, f"shard-{index:05d}")
 
 
-def write(config, teacher, teacher_params, taps, root, spec, *,
-          process_index=0, process_count=1) -> None:
+def write(config, source: Source, root, spec, *, process_index=0,
+          process_count=1) -> None:
   """Writes this process's missing shards of the store at `root` (reads
-  the split only when one is missing)."""
+  the split only when one is missing), with a progress bar."""
   _write_manifest(root, spec)
-  if all(os.path.isdir(_shard_dir(root, i))
-         for i in range(process_index, _shards(spec), process_count)):
+  mine = [i for i in range(process_index, _shards(spec), process_count)
+          if not os.path.isdir(_shard_dir(root, i))]
+  if not mine:
     return
-  predict = _predictor(teacher, tuple(taps))
-  n_dev = jax.local_device_count()
+  dtype = jnp.dtype(config.teacher.store_dtype)
   pending, current = {}, None
-  for i, batch in enumerate(pipeline.eval_batches(config.data, "train")):
+  batches = pipeline.eval_batches(config.data, "train", raw=source.raw)
+  bar = tqdm.tqdm(total=len(mine) * SHARD_BATCHES, unit="batch",
+                  desc="teacher store", leave=False, file=sys.stdout)
+  for i, batch in enumerate(batches):
     shard = i // SHARD_BATCHES
     if shard != current and pending:
       _save_shard(root, current, pending)
       pending = {}
     current = shard
-    if shard % process_count != process_index or os.path.isdir(
-        _shard_dir(root, shard)):
+    if shard not in mine:
       continue  # another process's shard, or already written
-    if not pending:
-      logging.info("Teacher store %s: writing shard %d", root, shard)
-    out = predict(teacher_params, parallel.split_batch(
-        {"ecg": batch["ecg"]}, n_dev))
+    out = source.predict(batch["ecg"])
     keep = batch["mask"]
-    rows = {n: parallel.merge_outputs(v)[keep].astype(np.float32)
-            for n, v in out.items()}
+    rows = {n: np.asarray(v)[keep].astype(dtype) for n, v in out.items()}
     rows["ids"] = batch["id"][keep]
     for name, value in rows.items():
       pending.setdefault(name, []).append(value)
+    bar.update()
   if pending:
     _save_shard(root, current, pending)
+  bar.close()
 
 
-def _predictor(teacher, taps, pmapped=True):
+def _predictor(teacher, taps):
   def fn(params, batch):
     logits, feats = teacher.apply({"params": params}, batch["ecg"], taps=taps)
     return {"logits": logits, **feats}
-  return parallel.pmap_predict(fn) if pmapped else fn
+  return fn
 
 
 def _save_shard(root, index, pending):
