@@ -54,9 +54,12 @@ setuptools.setup(
         ],
         "export": EXPORT,
         # benchmarks/torch_reference.py: an independent PyTorch version of
-        # the losses to time ours against (a large wheel; nothing else uses
-        # it).
-        "torch-reference": ["torch>=2.2"],
+        # the losses to time ours against; benchmarks/torch_teacher.py: a
+        # PyTorch teacher exported with torch.onnx (docs/teachers.md). Capped
+        # at 2.13.0, whose CPU build (2.13.0+cpu) pip prefers where a wheel
+        # directory offers it; later releases resolve to CUDA builds of
+        # several GB.
+        "torch-reference": ["torch>=2.2,<=2.13.0"],
         # jax[tpu] pulls the libtpu wheel built for this exact jax release
         # (also what evl_ecg_jax.aot compiles with on a CPU host); gs://
         # workdirs need the GCS clients (orbax via gcsfs, TensorBoard).

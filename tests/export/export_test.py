@@ -294,7 +294,7 @@ def test_cli_exports_and_reports(student_dir, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "| int8 |" in proc.stdout and "MISSED" not in proc.stdout
   assert sorted(os.listdir(out)) == ["export.json", "model_float32.onnx",
-                                     "model_int8.onnx"]
+                                     "model_int8.onnx", "teacher_spec.json"]
 
 
 def _group_norm_graph(x_shape, groups, scale_as_input=False):
