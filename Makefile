@@ -49,9 +49,10 @@ test-avx2: $(VENV)/.installed-dev
 	JAX_DISABLE_MOST_OPTIMIZATIONS=$(JAX_DISABLE_MOST_OPTIMIZATIONS) \
 	  XLA_FLAGS="$(XLA_FLAGS) --xla_cpu_max_isa=AVX2" $(PYTEST) $(PYTEST_ARGS)
 
-# The slow checks include the TPU ahead-of-time compile: [tpu] adds libtpu.
+# The slow checks include the TPU ahead-of-time compile ([tpu] adds libtpu)
+# and a PyTorch teacher exported with torch.onnx ([torch-reference]).
 $(VENV)/.installed-tpu: setup.py | $(PY)
-	$(PY) -m pip install -q -e '.[dev,tpu]'
+	$(PY) -m pip install -q -e '.[dev,tpu,torch-reference]'
 	touch $@ $(VENV)/.installed-dev $(VENV)/.installed
 
 test-slow: $(VENV)/.installed-tpu

@@ -226,10 +226,11 @@ def _stack(records) -> dict:
   return {k: np.stack([r[k] for r in records]) for k in FEATURES}
 
 
-def split_records(data_cfg, split: str, limit: int = 0) -> dict:
+def split_records(data_cfg, split: str, limit: int = 0,
+                  raw: bool = False) -> dict:
   """The first `limit` records of `split` (0: all), preprocessed as for
-  evaluation: {"ecg": [N, T, L], "labels": [N, C], "id": [N]}."""
-  ds = _records(data_cfg, split)
+  evaluation unless `raw`: {"ecg": [N, T, L], "labels": [N, C], "id": [N]}."""
+  ds = _records(data_cfg, split, raw)
   n = min(limit, len(ds)) if limit else len(ds)
   return _stack([ds[i] for i in range(n)])
 

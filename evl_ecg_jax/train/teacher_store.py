@@ -217,10 +217,12 @@ def write(config, source: Source, root, spec, *, process_index=0,
     return
   dtype = jnp.dtype(config.teacher.store_dtype)
   pending, current = {}, None
-  batches = pipeline.eval_batches(config.data, "train", raw=source.raw)
-  bar = tqdm.tqdm(total=len(mine) * SHARD_BATCHES, unit="batch",
+  batches_in = -(-spec["data"]["records"] // spec["data"]["eval_batch_size"])
+  bar = tqdm.tqdm(total=sum(min(SHARD_BATCHES, batches_in - i * SHARD_BATCHES)
+                            for i in mine), unit="batch",
                   desc="teacher store", leave=False, file=sys.stdout)
-  for i, batch in enumerate(batches):
+  for i, batch in enumerate(pipeline.eval_batches(config.data, "train",
+                                                  raw=source.raw)):
     shard = i // SHARD_BATCHES
     if shard != current and pending:
       _save_shard(root, current, pending)
