@@ -14,21 +14,12 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from evl_ecg_jax import distributed
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/default.py:mode=distill.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (outputs).")
-_DISTRIBUTED = flags.DEFINE_bool(
-    "jax_distributed", False,
-    "Call jax.distributed.initialize() (multi-host). On Cloud TPU VMs the "
-    "coordinator and process ids come from the TPU metadata; elsewhere set "
-    "the three flags below.")
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0 (multi-host).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
-                                      "Number of processes (multi-host).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None,
-                                   "This process's id (multi-host).")
 _PREPARE_ONLY = flags.DEFINE_bool(
     "prepare_only", False,
     "Check the config and prepare every dataset split it reads (a TFDS "
@@ -69,11 +60,7 @@ def main(argv):
   del argv
   from evl_ecg_jax import console  # pylint: disable=g-import-not-at-top
   console.quiet(_WORKDIR.value)
-  if _DISTRIBUTED.value:
-    import jax  # pylint: disable=g-import-not-at-top
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
+  distributed.initialize()
   from evl_ecg_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from evl_ecg_jax.train import guards  # pylint: disable=g-import-not-at-top
   from evl_ecg_jax.train import loop  # pylint: disable=g-import-not-at-top

@@ -11,7 +11,8 @@ config.teacher.store_dir); with --config.teacher.init=<workdir> and
 --config.teacher.cache_features=True instead, the project's own teacher.
 A distillation run with the same config then reads it. Prints where the
 store is, what it holds, its size and the time the write took. Several
-processes (--jax_distributed) each write their shards.
+processes (--jax_distributed, with --coordinator_address,
+--num_processes and --process_id off a TPU VM) each write their shards.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from evl_ecg_jax import distributed
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config of the distillation run whose store to fill.",
     lock_config=True)
-_DISTRIBUTED = flags.DEFINE_bool(
-    "jax_distributed", False, "Call jax.distributed.initialize() first.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -40,9 +41,7 @@ def _size(root) -> int:
 
 def main(argv):
   del argv
-  if _DISTRIBUTED.value:
-    import jax  # pylint: disable=g-import-not-at-top
-    jax.distributed.initialize()
+  distributed.initialize()
   # pylint: disable=g-import-not-at-top
   import jax
   import jax.numpy as jnp

@@ -36,7 +36,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 from typing import Callable
 
@@ -220,7 +219,8 @@ def write(config, source: Source, root, spec, *, process_index=0,
   batches_in = -(-spec["data"]["records"] // spec["data"]["eval_batch_size"])
   bar = tqdm.tqdm(total=sum(min(SHARD_BATCHES, batches_in - i * SHARD_BATCHES)
                             for i in mine), unit="batch",
-                  desc="teacher store", leave=False, file=sys.stdout)
+                  desc="teacher store", leave=False,
+                  disable=jax.process_index() > 0)
   for i, batch in enumerate(pipeline.eval_batches(config.data, "train",
                                                   raw=source.raw)):
     shard = i // SHARD_BATCHES

@@ -240,3 +240,54 @@ def test_distils_from_the_store_without_a_jax_teacher(tfds_dir, files,
   with pytest.raises(config_lib.ConfigError, match="teacher.init.*one "
                      "teacher"):
     loop.fit(config, str(tmp_path / "both"))
+
+
+def _free_port() -> int:
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_write_one_process_store(tfds_dir, files, tmp_path):
+  """`python -m evl_ecg_jax.teachers` in two local processes (each writes
+  every other shard, then both read the whole store) gives the store of
+  one process, file for file."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from conftest import REPO  # pylint: disable=g-import-not-at-top
+  onnx_path, spec_path = files()
+  args = ["-m", "evl_ecg_jax.teachers",
+          "--config=configs/default.py:mode=distill,loss=rkd,runlocal",
+          f"--config.data.data_dir={tfds_dir}",
+          "--config.data.eval_batch_size=2",  # several shards of 16 batches
+          f"--config.teacher.onnx={onnx_path}",
+          f"--config.teacher.onnx_spec={spec_path}"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+
+  def start(store, extra=()):
+    log = open(tmp_path / f"{store}{''.join(extra)[-1:]}.log", "w")
+    return subprocess.Popen(
+        [sys.executable, *args, f"--config.teacher.store_dir="
+         f"{tmp_path / store}", *extra], cwd=REPO, env=env, stdout=log,
+        stderr=subprocess.STDOUT), log
+  port = _free_port()
+  procs = [start("one")] + [start("two", (
+      "--jax_distributed", f"--coordinator_address=localhost:{port}",
+      "--num_processes=2", f"--process_id={i}")) for i in range(2)]
+  for proc, log in procs:
+    proc.wait(timeout=300)
+    log.close()
+    assert proc.returncode == 0, open(log.name).read()[-3000:]
+  (key,) = [d for d in os.listdir(tmp_path / "one")
+            if os.path.isdir(tmp_path / "one" / d)]
+  one, two = tmp_path / "one" / key, tmp_path / "two" / key
+  files_of = lambda root: sorted(
+      os.path.relpath(os.path.join(d, f), root)
+      for d, _, names in os.walk(root) for f in names if f != "log.txt")
+  assert files_of(one) == files_of(two)
+  shards = [f for f in files_of(one) if f.endswith("ids.npy")]
+  assert len(shards) >= 3
+  for name in files_of(one):
+    assert (one / name).read_bytes() == (two / name).read_bytes(), name
