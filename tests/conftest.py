@@ -117,7 +117,8 @@ def tfds_dir(tmp_path_factory):
 # of one long file finishing alone at the end.
 _LONGEST_FIRST = (
     "train/global_batch_test.py", "losses/ot_test.py", "train/preemption_test.py",
-    "train/parallel_modes_test.py", "export/export_test.py",
+    "train/parallel_modes_test.py", "teachers/exported_teacher_test.py",
+    "export/export_test.py",
     "losses/evl_test.py", "smoke_test.py", "train/diagnostics_test.py",
     "vlm/fit_test.py", "models/models_test.py", "train/transfer_test.py",
     "losses/baselines_test.py", "models/decoder_test.py",

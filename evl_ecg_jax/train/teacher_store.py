@@ -81,7 +81,7 @@ def jax_source(config, teacher, teacher_params, taps) -> Source:
   logits and the feature taps `taps` of config.data.transforms' output."""
   block = {k: v for k, v in config.teacher.to_dict().items()
            if k not in ("init", "cache_features", "onnx", "onnx_spec",
-                        "store_dtype")}
+                        "store_dtype", "store_dir")}
   example = np.asarray(pipeline.example(config.data)["ecg"])[None]
   fn = _predictor(teacher, tuple(taps))
   shapes = jax.eval_shape(fn, teacher_params, {"ecg": example})

@@ -13,7 +13,7 @@ from evl_ecg_jax.export import parity
 from evl_ecg_jax.train import loop
 from evl_ecg_jax.train import teacher_store
 
-TEACHER_STEPS, STUDENT_STEPS = 150, 60
+TEACHER_STEPS, STUDENT_STEPS = 100, 40
 KEYS = ("validation/macro_auc", "test/macro_auc")
 
 

@@ -20,7 +20,6 @@ from conftest import DATA
 from conftest import REPO
 
 pytestmark = pytest.mark.slow
-torch = pytest.importorskip("torch", reason="needs the torch-reference extra")
 PTBXL = os.path.join(DATA, "ptbxl")
 CONFIG = "configs/default.py:data=ptbxl,folds=shared,mode=distill"
 
@@ -35,6 +34,7 @@ def _run(args, cwd=REPO):
 
 @pytest.mark.skipif(not os.path.isdir(PTBXL), reason=f"needs {PTBXL}")
 def test_a_pytorch_teacher_distils_a_cnn1d_student(tmp_path):
+  pytest.importorskip("torch", reason="needs the torch-reference extra")
   data = [f"--config.data.manual_dir={PTBXL}",
           f"--config.data.data_dir={tmp_path / 'tfds'}"]
   out = tmp_path / "torch_teacher"
