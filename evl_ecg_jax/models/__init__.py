@@ -23,9 +23,12 @@ from evl_ecg_jax.models.xresnet1d import XResNet1D
 
 MODELS = {"vit1d": ViT1D, "cnn1d": CNN1D, "xresnet1d": XResNet1D,
           "convnext1d": ConvNeXt1D}
+# Keys of the teacher block that say where its outputs come from (a
+# checkpoint, a store, an ONNX graph), not what the model is.
+SOURCE_FIELDS = ("init", "cache_features", "onnx", "onnx_spec", "store_dtype",
+                 "store_dir")
 # Config keys of a model block that are not module fields.
-_NOT_FIELDS = ("name", "init", "frozen_param_dtype", "cache_features",
-               "onnx", "onnx_spec", "store_dtype", "store_dir")
+_NOT_FIELDS = ("name", "frozen_param_dtype") + SOURCE_FIELDS
 
 
 def get(model_cfg: Mapping[str, Any], num_classes: int, *,

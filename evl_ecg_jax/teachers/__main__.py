@@ -46,10 +46,10 @@ def main(argv):
   import jax
   import jax.numpy as jnp
   from evl_ecg_jax import config as config_lib
+  from evl_ecg_jax import console
   from evl_ecg_jax.data import pipeline
   from evl_ecg_jax.train import build
   from evl_ecg_jax.train import teacher_store
-  from evl_ecg_jax import console
   # pylint: enable=g-import-not-at-top
   config = _CONFIG.value
   os.makedirs(teacher_store.root_of(config), exist_ok=True)
@@ -76,12 +76,11 @@ def main(argv):
           objective.model_taps("teacher"))
   except (config_lib.ConfigError, ValueError) as e:
     sys.exit(f"Config error: {e}")
+  spec = teacher_store.manifest(config, source)
   start = time.perf_counter()
-  rows = teacher_store.build_or_load(config, source)
+  rows = teacher_store.build_or_load(config, source, spec)
   seconds = time.perf_counter() - start
-  root = os.path.join(teacher_store.root_of(config),
-                      teacher_store.key(teacher_store.manifest(config,
-                                                               source)))
+  root = teacher_store.location(config, spec)
   if jax.process_index() == 0:
     outputs = {k: list(v.shape) for k, v in rows.items()}
     print(json.dumps(dict(store=root, records=len(rows["id"]),

@@ -72,10 +72,6 @@ class Spec:
     return next(n for n, o in self.outputs.items() if o["kind"] != "features")
 
   @property
-  def activation(self) -> str:
-    return self.outputs[self.logits_output]["activation"]
-
-  @property
   def taps(self) -> dict:
     """{tap: graph output} of the feature outputs."""
     return {o["tap"]: n for n, o in self.outputs.items()

@@ -68,11 +68,13 @@ def foreign_teacher(config):
     raise config_lib.ConfigError(str(e)) from None
 
 
-def teacher_feature_shapes(foreign, batch: int = 1):
-  """{tap: ShapeDtypeStruct [batch, ...]} of a foreign teacher's stored
-  features (what the learned heads are initialised on)."""
-  return {tap: jax.ShapeDtypeStruct((batch, *shape), jnp.float32)
-          for tap, shape in foreign.outputs.items() if tap != "logits"}
+def teacher_feature_shapes(foreign, taps=None):
+  """{tap: ShapeDtypeStruct [1, ...]} of a foreign teacher's stored
+  features (of `taps` only, if given): what the learned heads are
+  initialised on."""
+  return {tap: jax.ShapeDtypeStruct((1, *shape), jnp.float32)
+          for tap, shape in foreign.outputs.items()
+          if tap != "logits" and (taps is None or tap in taps)}
 
 
 def build_models(config, objective, input_shape, foreign=None):
@@ -129,7 +131,7 @@ def _check_foreign_taps(config, objective, stored):
           f"{missing[0]!r}; the ONNX teacher (config.teacher.onnx_spec="
           f"{config.teacher.onnx_spec}) exports the features "
           f"{sorted(stored)}. Add it to the spec's outputs (kind "
-          "'features', tap {missing[0]!r}) or turn the term off "
+          f"'features', tap {missing[0]!r}) or turn the term off "
           f"(terms.{part.name}.weight=0).")
 
 

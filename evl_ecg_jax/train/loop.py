@@ -142,9 +142,8 @@ def _train(config, workdir, run, model, teacher, foreign, objective,
   """Trains `model`, distilled from `teacher` (or the `foreign` teacher's
   store) if there is one; returns params."""
   taps = objective.model_taps("teacher")
-  feats = None if foreign is None else {
-      t: s for t, s in build.teacher_feature_shapes(foreign).items()
-      if t in taps}
+  feats = (None if foreign is None
+           else build.teacher_feature_shapes(foreign, taps))
   init, step_fn, teacher_abstract = build.step_parts(
       config, model, teacher, objective, example, teacher_feats=feats)
   teacher_params = stored = None

@@ -40,10 +40,10 @@ import tempfile
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from evl_ecg_jax import models
 from evl_ecg_jax import parallel
 from evl_ecg_jax.data import pipeline
 from evl_ecg_jax.data import transforms
@@ -80,8 +80,7 @@ def jax_source(config, teacher, teacher_params, taps) -> Source:
   """The project's own frozen teacher, pmapped over the local devices: its
   logits and the feature taps `taps` of config.data.transforms' output."""
   block = {k: v for k, v in config.teacher.to_dict().items()
-           if k not in ("init", "cache_features", "onnx", "onnx_spec",
-                        "store_dtype", "store_dir")}
+           if k not in models.SOURCE_FIELDS}
   example = np.asarray(pipeline.example(config.data)["ecg"])[None]
   fn = _predictor(teacher, tuple(taps))
   shapes = jax.eval_shape(fn, teacher_params, {"ecg": example})
@@ -155,12 +154,18 @@ def key(spec) -> str:
                         ).hexdigest()[:16]
 
 
-def build_or_load(config, source: Source) -> dict:
+def location(config, spec) -> str:
+  """The folder of the store whose manifest is `spec`."""
+  return os.path.join(root_of(config), key(spec))
+
+
+def build_or_load(config, source: Source, spec=None) -> dict:
   """{"teacher/logits": rows [N, C], "teacher/<tap>": rows [N, ...],
   "id": [N]} of the training split, in its record order: written on first
-  use (this process's shards), then read."""
-  spec = manifest(config, source)
-  root = os.path.join(root_of(config), key(spec))
+  use (this process's shards), then read. `spec`: the run's manifest, if
+  the caller has it."""
+  spec = spec or manifest(config, source)
+  root = location(config, spec)
   write(config, source, root, spec, process_index=jax.process_index(),
         process_count=jax.process_count())
   if jax.process_count() > 1:
@@ -214,7 +219,7 @@ def write(config, source: Source, root, spec, *, process_index=0,
           if not os.path.isdir(_shard_dir(root, i))]
   if not mine:
     return
-  dtype = jnp.dtype(config.teacher.store_dtype)
+  dtype = np.dtype(config.teacher.store_dtype)
   pending, current = {}, None
   batches_in = -(-spec["data"]["records"] // spec["data"]["eval_batch_size"])
   bar = tqdm.tqdm(total=sum(min(SHARD_BATCHES, batches_in - i * SHARD_BATCHES)

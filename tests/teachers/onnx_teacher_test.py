@@ -232,7 +232,8 @@ def test_distils_from_the_store_without_a_jax_teacher(tfds_dir, files,
   # FitNet reads the teacher's tokens, which this graph does not export.
   with pytest.raises(config_lib.ConfigError, match=r"config.loss.terms."
                      r"fitnet reads the teacher's tap 'tokens'.*exports the "
-                     r"features \['pooled'\]"):
+                     r"features \['pooled'\].*tap 'tokens'\) or turn the "
+                     r"term off"):
     loop.fit(_config(tfds_dir, onnx_path, spec_path,
                      "mode=distill,loss=fitnet"), str(tmp_path / "fitnet"))
   config = _config(tfds_dir, onnx_path, spec_path)
