@@ -69,6 +69,20 @@ def set_fields(config, fields):
   return config
 
 
+def short_run(tfds_dir, arg, steps, batch_size=32):
+  """configs/default.py at `arg` + runlocal on the test data: `steps`
+  steps of `batch_size`, logged, evaluated and checkpointed once at the
+  end."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config(arg + ",runlocal")
+  config.data.data_dir = tfds_dir
+  config.data.batch_size = batch_size
+  config.total_steps = steps
+  config.log_every_steps = config.eval_every_steps = steps
+  config.ckpt_every_steps = steps
+  return config
+
+
 def write_ptbxl_db(root, rows, fields):
   """Writes rows as `root`/ptbxl_database.csv."""
   with open(root / "ptbxl_database.csv", "w", newline="") as f:

@@ -23,6 +23,7 @@ from sklearn.metrics import roc_auc_score
 from configs import default
 from conftest import REPO
 from conftest import family_params
+from conftest import short_run
 from evl_ecg_jax import checkpoint
 from evl_ecg_jax import models
 from evl_ecg_jax.data import pipeline
@@ -38,13 +39,7 @@ STEPS = 150
 
 
 def _config(tfds_dir, arg="mode=distill,loss=ce"):
-  config = default.get_config(arg + ",runlocal")
-  config.data.data_dir = tfds_dir
-  config.data.batch_size = 32
-  config.total_steps = STEPS
-  config.log_every_steps = config.eval_every_steps = STEPS
-  config.ckpt_every_steps = STEPS
-  return config
+  return short_run(tfds_dir, arg, STEPS)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ the same metrics to 3 decimals."""
 import numpy as np
 import pytest
 
-from configs import default
+from conftest import short_run
 from evl_ecg_jax.export import builder
 from evl_ecg_jax.export import parity
 from evl_ecg_jax.train import loop
@@ -18,12 +18,7 @@ KEYS = ("validation/macro_auc", "test/macro_auc")
 
 
 def _config(tfds_dir, arg, steps):
-  config = default.get_config(arg + ",teacher=cnn1d,runlocal")
-  config.data.data_dir = tfds_dir
-  config.data.batch_size = 32
-  config.total_steps = steps
-  config.log_every_steps = config.eval_every_steps = steps
-  config.ckpt_every_steps = steps
+  config = short_run(tfds_dir, arg + ",teacher=cnn1d", steps)
   config.optim.warmup_steps = 10
   config.eval.diagnostics = False
   return config
